@@ -1,0 +1,218 @@
+"""The `sale latency` command: needle-in-a-haystack prefill timing, dense vs SALE side by side."""
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from sale_cli.eval import niah
+
+from sale_cli import demo_model
+
+METHODS = ("dense", "sale")
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def _split(values: list[str] | None, cast: Callable[[str], Any], option: str) -> list[Any]:
+    """Items of a repeatable option whose values may also be comma- or space-separated lists."""
+    items = []
+    for value in values or []:
+        for item in re.split(r"[,\s]+", value.strip()):
+            if not item:
+                continue
+            try:
+                items.append(cast(item))
+            except ValueError as exc:
+                raise typer.BadParameter(
+                    f"{item!r} is not a valid {cast.__name__}", param_hint=option
+                ) from exc
+    return items
+
+
+def latency(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model: alias, HF id, local directory or .gguf file. With --random-weights a directory holding "
+            "only config.json and a tokenizer is enough.",
+        ),
+    ] = demo_model.ALIAS,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Methods to time, interleaved: dense, sale (comma-separated or repeated). [default: dense,sale]"
+        ),
+    ] = None,
+    length: Annotated[
+        int, typer.Option(help="Longest prompt in tokens; --fractions of it are timed.")
+    ] = 131072,
+    fractions: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Fractions of --length to time (comma-separated or repeated). [default: 1,0.5,0.25,0.125,0.0625]"
+        ),
+    ] = None,
+    lengths: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Explicit prompt lengths in tokens (comma-separated or repeated); overrides --fractions."
+        ),
+    ] = None,
+    depth: Annotated[
+        float, typer.Option(help="Where the needle goes, as a fraction of the haystack (0 = start, 1 = end).")
+    ] = 0.5,
+    haystack: Annotated[
+        Path | None,
+        typer.Option(
+            help="UTF-8 .txt or .txt.gz haystack text. [default: the bundled novel Botchan, repeated as needed]"
+        ),
+    ] = None,
+    needle: Annotated[
+        str, typer.Option(help="The needle sentence inserted into the haystack.")
+    ] = niah.DEFAULT_NEEDLE,
+    question: Annotated[str, typer.Option(help="The question after the haystack.")] = niah.DEFAULT_QUESTION,
+    expect: Annotated[
+        str, typer.Option(help="Text an answer must contain for the needle to count as recovered (--answer).")
+    ] = niah.DEFAULT_EXPECT,
+    repeats: Annotated[
+        int, typer.Option(help="Timed prefills per method and length; the median is reported.")
+    ] = 5,
+    warmup: Annotated[
+        int, typer.Option(help="Untimed prefills per method and length before the timed ones.")
+    ] = 1,
+    answer: Annotated[
+        bool,
+        typer.Option(
+            "--answer/--no-answer", help="Also generate an answer and check that the needle was found."
+        ),
+    ] = False,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens to generate for --answer.")] = 24,
+    theta: Annotated[
+        str | None,
+        typer.Option(
+            help="Use the calibrated SALE thresholds RESULTS_DIR/calibration/<model>/theta_<THETA>.safetensors."
+        ),
+    ] = None,
+    thresholds: Annotated[
+        Path | None, typer.Option(help="SALE thresholds .safetensors file (instead of --theta).")
+    ] = None,
+    random_weights: Annotated[
+        bool,
+        typer.Option(
+            "--random-weights",
+            help="Build the model from its config with random weights (timing only: answers are meaningless).",
+        ),
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16 or float32.")] = "auto",
+    device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda or cuda:N.")] = "auto",
+    device_map: Annotated[
+        str | None, typer.Option(help="Spread the model over devices, e.g. 'auto' for all GPUs (accelerate).")
+    ] = None,
+    results_dir: Annotated[
+        Path, typer.Option(help="Results root; writes RESULTS_DIR/latency/<model>/latency.json.")
+    ] = Path("results"),
+) -> None:
+    """Needle-in-a-haystack prefill latency up to 128K tokens, dense vs SALE side by side.
+
+    Each prompt is the haystack cut (or repeated) to exactly the length,
+    with the needle at --depth; the question is always kept.
+    Methods run interleaved: warm-up, then --repeats timed prefills each;
+    the table shows medians of prefill and summed attention time, SALE's
+    density and quantization/selection overhead where the kernel tells it.
+    Writes RESULTS_DIR/latency/<model>/latency.json.
+    """
+    method_list = _split(methods, str, "--methods") or list(METHODS)
+    unknown = [m for m in method_list if m not in METHODS]
+    if unknown or len(set(method_list)) != len(method_list):
+        raise typer.BadParameter(
+            f"expected distinct methods from {', '.join(METHODS)}, got {', '.join(method_list)}",
+            param_hint="--methods",
+        )
+    try:
+        length_list = niah.resolve_lengths(
+            length,
+            _split(fractions, float, "--fractions") or DEFAULT_FRACTIONS,
+            _split(lengths, int, "--lengths"),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--length/--fractions/--lengths") from exc
+    for value, option, low in (
+        (repeats, "--repeats", 1),
+        (warmup, "--warmup", 0),
+        (answer_tokens, "--answer-tokens", 1),
+    ):
+        if value < low:
+            raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=option)
+    if not 0.0 <= depth <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {depth}", param_hint="--depth")
+    try:
+        text = niah.load_haystack(haystack)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--haystack") from exc
+    if answer:
+        try:
+            niah.answer_key(expect)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--expect") from exc
+
+    from sale_cli.runner import load_runner
+
+    console = Console()
+    runner = load_runner(
+        model,
+        method=method_list[0],
+        thresholds=str(thresholds) if thresholds else None,
+        theta=theta,
+        results_dir=str(results_dir),
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        **({"random_weights": True} if random_weights else {}),
+    )
+    builder = niah.NiahPromptBuilder(runner.tokenizer, text, needle, question, runner.apply_chat_template)
+    try:
+        prompts = {n: builder.build(n, depth) for n in length_list}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--length/--fractions/--lengths") from exc
+    too_long = [n for n in length_list if n > runner.max_context]
+    if too_long:
+        console.print(
+            f"[yellow]Lengths {too_long} exceed {runner.model_name}'s context limit of {runner.max_context} tokens: "
+            "timings are valid, needle answers are not meaningful.[/]"
+        )
+    if max(p.haystack_copies for p in prompts.values()) > 1:
+        console.print("[dim]The haystack text is repeated to fill the longest prompts.[/]")
+    env = niah.environment(runner)
+    measurements = niah.run_benchmark(
+        runner, prompts, method_list, repeats, warmup, answer_tokens if answer else 0, expect, console
+    )
+    records = niah.summarize(measurements, prompts, env)
+    payload = {
+        "environment": env,
+        "config": {
+            "model": model,
+            "methods": method_list,
+            "lengths": length_list,
+            "depth": depth,
+            "repeats": repeats,
+            "warmup": warmup,
+            "haystack": str(haystack) if haystack else niah.BUNDLED_HAYSTACK,
+            "needle": needle,
+            "question": question,
+            "expect": expect,
+            "answer_tokens": answer_tokens if answer else 0,
+            "theta": theta,
+            "thresholds": str(thresholds) if thresholds else None,
+            "random_weights": random_weights,
+            "dtype": dtype,
+            "device_map": device_map,
+        },
+        "records": records,
+    }
+    path = niah.write_json_atomic(results_dir / "latency" / runner.model_name / "latency.json", payload)
+    console.print(niah.latency_table(records, env))
+    console.print(f"Wrote {path}")
