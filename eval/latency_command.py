@@ -34,11 +34,9 @@ def _split(values: list[str] | None, cast: Callable[[str], Any], option: str) ->
 def latency(
     model: Annotated[
         str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model: alias, HF id, local directory or .gguf file. With --random-weights a directory holding "
-            "only config.json and a tokenizer is enough.",
+        typer.Argument(
+            help="Model: alias, HF id, local folder or .gguf file. With --random-weights a folder holding only "
+            "config.json and a tokenizer is enough.",
         ),
     ] = demo_model.ALIAS,
     methods: Annotated[
@@ -68,7 +66,9 @@ def latency(
     haystack: Annotated[
         Path | None,
         typer.Option(
-            help="UTF-8 .txt or .txt.gz haystack text. [default: the bundled novel Botchan, repeated as needed]"
+            exists=True,
+            dir_okay=False,
+            help="UTF-8 .txt or .txt.gz haystack text. [default: the bundled novel Botchan, repeated as needed]",
         ),
     ] = None,
     needle: Annotated[
@@ -92,13 +92,16 @@ def latency(
     ] = False,
     answer_tokens: Annotated[int, typer.Option(help="Tokens to generate for --answer.")] = 24,
     theta: Annotated[
-        str | None,
+        float | None,
         typer.Option(
             help="Use the calibrated SALE thresholds RESULTS_DIR/calibration/<model>/theta_<THETA>.safetensors."
         ),
     ] = None,
     thresholds: Annotated[
-        Path | None, typer.Option(help="SALE thresholds .safetensors file (instead of --theta).")
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="SALE thresholds .safetensors file (instead of --theta)."
+        ),
     ] = None,
     random_weights: Annotated[
         bool,
@@ -120,7 +123,7 @@ def latency(
 
     Each prompt is the haystack cut (or repeated) to exactly the length,
     with the needle at --depth; the question is always kept.
-    Methods run interleaved: warm-up, then --repeats timed prefills each;
+    Methods take turns at every length: warm-up, then --repeats timed prefills;
     the table shows medians of prefill and summed attention time, SALE's
     density and quantization/selection overhead where the kernel tells it.
     Writes RESULTS_DIR/latency/<model>/latency.json.
@@ -149,6 +152,10 @@ def latency(
             raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=option)
     if not 0.0 <= depth <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {depth}", param_hint="--depth")
+    if "sale" in method_list and (thresholds is None) == (theta is None):
+        raise typer.BadParameter(
+            "SALE needs exactly one of --thresholds or --theta", param_hint="--thresholds/--theta"
+        )
     try:
         text = niah.load_haystack(haystack)
     except (OSError, ValueError) as exc:
@@ -162,17 +169,21 @@ def latency(
     from sale_cli.runner import load_runner
 
     console = Console()
-    runner = load_runner(
-        model,
-        method=method_list[0],
-        thresholds=str(thresholds) if thresholds else None,
-        theta=theta,
-        results_dir=str(results_dir),
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        **({"random_weights": True} if random_weights else {}),
-    )
+    try:
+        runner = load_runner(
+            model,
+            method="sale" if "sale" in method_list else "dense",
+            thresholds=str(thresholds) if thresholds else None,
+            theta=theta,
+            results_dir=str(results_dir),
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            **({"random_weights": True} if random_weights else {}),
+        )
+    except (ValueError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc
     builder = niah.NiahPromptBuilder(runner.tokenizer, text, needle, question, runner.apply_chat_template)
     try:
         prompts = {n: builder.build(n, depth) for n in length_list}
@@ -206,7 +217,7 @@ def latency(
             "expect": expect,
             "answer_tokens": answer_tokens if answer else 0,
             "theta": theta,
-            "thresholds": str(thresholds) if thresholds else None,
+            "thresholds": str(runner.thresholds_path) if runner.thresholds_path else None,
             "random_weights": random_weights,
             "dtype": dtype,
             "device_map": device_map,

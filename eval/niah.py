@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -225,10 +226,12 @@ def run_benchmark(
     expect: str = DEFAULT_EXPECT,
     console: Console | None = None,
 ) -> list[Measurement]:
-    """Time `repeats` prefills per method and length after `warmup` untimed ones, methods interleaved.
+    """Time `repeats` prefills per method and length, each after `warmup` untimed ones, in one process.
 
-    Every round runs each method once, alternating the order between rounds so that neither method always
-    runs first. With `answer_tokens` > 0 each method then generates that many tokens to check the needle.
+    Methods take turns at every length, in alternating order (A B, then B A, ...) so that neither always runs
+    first. A method switch re-uploads SALE's thresholds, so every switch is followed by that method's warm-up
+    and no timed prefill pays for it. With `answer_tokens` > 0 each method also generates that many tokens
+    and the answer is checked for `expect`.
     """
     import torch
 
@@ -241,32 +244,33 @@ def run_benchmark(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("prefill", total=total)
-        for n, prompt in prompts.items():
+        for i, (n, prompt) in enumerate(prompts.items()):
             input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
-            for step in range(warmup + repeats):
-                stage = "warm-up" if step < warmup else f"repeat {step - warmup + 1}/{repeats}"
-                for method in methods if step % 2 == 0 else methods[::-1]:
+            for method in methods if i % 2 == 0 else methods[::-1]:
+                _use(runner, method)
+                measurement = found[(method, n)]
+                for step in range(warmup + repeats):
+                    stage = "warm-up" if step < warmup else f"repeat {step - warmup + 1}/{repeats}"
                     progress.update(task, description=f"{n} tokens · {method} · {stage}")
-                    _use(runner, method)
                     res = runner.prefill(input_ids)
                     if step >= warmup:
-                        sample = Sample(res.prefill_ms, res.attn_ms, res.density, dict(res.timings))
-                        found[(method, n)].samples.append(sample)
+                        measurement.samples.append(
+                            Sample(res.prefill_ms, res.attn_ms, res.density, dict(res.timings))
+                        )
                     progress.advance(task)
-            if answer_tokens > 0:
-                for method in methods:
+                if answer_tokens > 0:
                     progress.update(task, description=f"{n} tokens · {method} · answer")
-                    _use(runner, method)
                     out = runner.generate(input_ids, max_new_tokens=answer_tokens)
-                    found[(method, n)].answer = out.text
-                    found[(method, n)].needle_found = needle_recovered(out.text, expect)
+                    measurement.answer = out.text
+                    measurement.needle_found = needle_recovered(out.text, expect)
                     progress.advance(task)
     return list(found.values())
 
 
 def _use(runner: Any, method: str) -> None:
+    """Switch the runner to `method`, re-using the thresholds file it loaded for "sale"."""
     if runner.method != method:
-        runner.set_method(method)
+        runner.set_method(method, runner.thresholds_path if method == "sale" else None)
 
 
 def environment(runner: Any) -> dict[str, Any]:
@@ -285,6 +289,7 @@ def environment(runner: Any) -> dict[str, Any]:
     return {
         "model": runner.model_name,
         "device": str(device),
+        "dtype": str(runner.model.dtype).removeprefix("torch."),
         "gpu": gpus[device.index or 0] if device.type == "cuda" and gpus else None,
         "gpus": gpus,
         "dense_backend": runner.dense_backend,
@@ -307,7 +312,10 @@ def _median(values: Sequence[float]) -> float:
 def summarize(
     measurements: Sequence[Measurement], prompts: dict[int, NiahPrompt], env: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """One record per (method, length): medians, the quant/select/compute split, speedups vs dense."""
+    """One record per (method, length): medians, the quant/select/compute split, speedups vs dense.
+
+    `overhead_pct` is quantization plus selection as a share of the three stages (None when not reported).
+    """
     records = []
     for m in measurements:
         if not m.samples:
@@ -382,7 +390,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def table_title(env: dict[str, Any], methods: Sequence[str]) -> str:
     """Model, hardware and backends; warns when SALE runs the reference backend."""
-    title = f"NIAH prefill latency · {env['model']} · {env['gpu'] or 'CPU'} ({env['device']})"
+    where = f"{env['gpu']} ({env['device']})" if env["gpu"] else env["device"]
+    title = f"NIAH prefill latency · {env['model']} · {where}"
     if "dense" in methods:
         title += f" · dense: {env['dense_backend']}"
     if "sale" in methods:
@@ -396,18 +405,20 @@ def latency_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> Tab
     """The Rich table of the records, one row per (length, method)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     answers = any(r["needle_found"] is not None for r in records)
-    table = Table(title=table_title(env, methods))
+    table = Table(
+        title=table_title(env, methods), box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True
+    )
+    table.add_column("Length", justify="right")
+    table.add_column("Method")
     for name in (
-        "Length",
-        "Method",
-        "Prefill ms",
-        "Attention ms",
-        "Attn speedup",
-        "Prefill speedup",
+        "Prefill\nms",
+        "Attn\nms",
+        "Attn\nspeedup",
+        "Prefill\nspeedup",
         "Density",
+        "Overhead\n%",
     ):
-        table.add_column(name, justify="left" if name == "Method" else "right")
-    table.add_column("Overhead %", justify="right")
+        table.add_column(name, justify="right")
     if answers:
         table.add_column("Needle", justify="center")
     for r in sorted(records, key=lambda r: (r["length"], methods.index(r["method"]))):

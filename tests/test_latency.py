@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
-
 from sale_cli.eval import niah
 
 
@@ -33,7 +32,7 @@ def test_bundled_haystack_is_a_novel_and_splits_losslessly():
 def test_custom_haystack_plain_and_gzip(tmp_path):
     plain, packed = tmp_path / "h.txt", tmp_path / "h.txt.gz"
     plain.write_text("One. Two!\r\nThree?", encoding="utf-8")
-    packed.write_bytes(gzip.compress("One. Two!\nThree?".encode()))
+    packed.write_bytes(gzip.compress(b"One. Two!\nThree?"))
     assert niah.load_haystack(plain) == niah.load_haystack(packed) == "One. Two!\nThree?"
     with pytest.raises(FileNotFoundError, match="--haystack"):
         niah.load_haystack(tmp_path / "missing.txt")
@@ -50,7 +49,6 @@ def test_prompt_has_exact_length_and_keeps_question(tokenizer, chat):
     builder = niah.NiahPromptBuilder(
         tokenizer, niah.load_haystack(), chat_template=_chat(tokenizer) if chat else None
     )
-    question_ids = tokenizer(niah.DEFAULT_QUESTION, add_special_tokens=False)["input_ids"]
     for length in (builder.fixed_tokens, builder.fixed_tokens + 1, 300, 2048, 150_000):
         prompt = builder.build(length, depth=0.5)
         ids = prompt.input_ids
@@ -125,11 +123,12 @@ class FakeRunner:
     """Stands in for the model runner; logs the calls and returns fixed timings per method."""
 
     def __init__(self):
-        self.method = "dense"
+        self.method = "sale"
+        self.thresholds_path = "tau.safetensors"
         self.calls = []
 
     def set_method(self, method, thresholds=None):
-        self.calls.append(("set", method))
+        self.calls.append(("set", method, thresholds))
         self.method = method
 
     def prefill(self, input_ids):
@@ -149,29 +148,31 @@ def _prompts(tokenizer, lengths):
     return {n: builder.build(n) for n in lengths}
 
 
-def test_run_benchmark_interleaves_methods_and_skips_warmup(tokenizer):
+def test_run_benchmark_alternates_methods_with_warmup_after_each_switch(tokenizer):
     runner = FakeRunner()
     prompts = _prompts(tokenizer, [200, 300])
     found = niah.run_benchmark(
         runner, prompts, ["dense", "sale"], repeats=3, warmup=1, answer_tokens=4, console=Console(quiet=True)
     )
-    prefills = [c[1:] for c in runner.calls if c[0] == "prefill"]
-    assert prefills[:8] == [
-        ("dense", 200),
-        ("sale", 200),
-        ("sale", 200),
-        ("dense", 200),
-        ("dense", 200),
-        ("sale", 200),
-        ("sale", 200),
-        ("dense", 200),
+
+    def block(method, n):
+        return [("prefill", method, n)] * 4 + [("generate", method, 4)]
+
+    # 200 tokens: dense then sale; 300 tokens: sale (no switch needed) then dense
+    assert runner.calls == [
+        ("set", "dense", None),
+        *block("dense", 200),
+        ("set", "sale", "tau.safetensors"),
+        *block("sale", 200),
+        *block("sale", 300),
+        ("set", "dense", None),
+        *block("dense", 300),
     ]
-    assert len(prefills) == 16
-    assert all(a != b for a, b in zip(runner.calls, runner.calls[1:], strict=False) if a[0] == b[0] == "set")
     by_key = {(m.method, m.length): m for m in found}
     assert set(by_key) == {(m, n) for m in ("dense", "sale") for n in (200, 300)}
     assert all(len(m.samples) == 3 for m in found)
     assert by_key[("dense", 300)].needle_found is True and by_key[("sale", 300)].needle_found is False
+    assert by_key[("sale", 200)].samples[0].timings == {"quant": 0.2, "select": 0.3, "compute": 1.5}
 
 
 def test_summarize_records_speedups_and_overhead(tokenizer):
@@ -216,3 +217,82 @@ def test_write_config_dir_tiny(tmp_path):
     assert tok.decode(tok("Kiyo waited.")["input_ids"]) == "Kiyo waited."
     with pytest.raises(ValueError, match="preset"):
         niah.write_config_dir(tmp_path, preset="gpt-9")
+
+
+def _app():
+    import typer
+    from sale_cli.eval.latency_command import latency
+
+    app = typer.Typer()
+    app.command()(latency)
+    return app
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama with a haystack-trained tokenizer, and SALE thresholds for it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from sale_cli import thresholds as thresholds_io
+    from sale_cli.options import SaleOptions
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    config = niah.write_config_dir(path, preset="tiny", vocab_size=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tau = thresholds_io.save(
+        path.parent / "tau.safetensors",
+        torch.full((2, 4), 0.05),
+        model=path.name,
+        theta=0.05,
+        tau0=0.05,
+        samples=1,
+        tokens=1,
+        options=SaleOptions(),
+    )
+    return path, tau
+
+
+def test_latency_command_end_to_end_on_cpu(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    model, tau = tiny_model
+    args = [str(model), "--lengths", "192,320", "--repeats", "2", "--answer", "--answer-tokens", "3"]
+    args += ["--thresholds", str(tau), "--device", "cpu", "--results-dir", str(tmp_path)]
+    result = CliRunner().invoke(_app(), args, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "NIAH prefill latency" in result.output and "reference backend" in result.output
+    payload = json.loads((tmp_path / "latency" / "tiny-llama" / "latency.json").read_text())
+    env = payload["environment"]
+    assert env["device"] == "cpu" and env["sale_backend"] == "reference" and env["torch"]
+    assert {"gpu", "cuda", "dense_backend", "transformers", "dtype"} <= set(env)
+    records = {(r["method"], r["length"]): r for r in payload["records"]}
+    assert set(records) == {(m, n) for m in ("dense", "sale") for n in (192, 320)}
+    for (method, n), r in records.items():
+        for key in ("prefill_ms", "attn_ms", "density", "backend", "device", "gpu", "torch", "cuda"):
+            assert key in r, key
+        assert r["input_tokens"] == n and r["repeats"] == 2 and len(r["attn_ms_runs"]) == 2
+        assert r["prefill_ms"] > 0 and 0 < r["attn_ms"] <= r["prefill_ms"]
+        assert isinstance(r["needle_found"], bool) and isinstance(r["answer"], str)
+        if method == "dense":
+            assert r["density"] == 1.0 and r["attn_speedup"] == 1.0 and r["backend"] == env["dense_backend"]
+        else:
+            assert 0.0 < r["density"] <= 1.0 and r["backend"] == "reference" and r["attn_speedup"] > 0
+
+
+def test_latency_command_rejects_bad_arguments_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    app, runner = _app(), CliRunner()
+    missing = runner.invoke(app, ["nowhere", "--lengths", "256"], terminal_width=200)
+    assert missing.exit_code == 2 and "--thresholds/--theta" in missing.output
+    for args, option in (
+        (["--methods", "dense,flash"], "--methods"),
+        (["--methods", "dense", "--lengths", "0"], "--lengths"),
+        (["--methods", "dense", "--fractions", "2"], "--fractions"),
+        (["--methods", "dense", "--depth", "1.5"], "--depth"),
+        (["--methods", "dense", "--repeats", "0"], "--repeats"),
+    ):
+        result = runner.invoke(app, ["nowhere", *args], terminal_width=200)
+        assert result.exit_code == 2 and option in result.output, result.output
