@@ -1,0 +1,193 @@
+"""The public SALE attention op: input checks, backend choice, result packaging."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .reference import sale_attention_reference
+
+ESTIMATES = ("int4", "int8", "none")
+QUANT_GROUPS = ("per_token", "per_block")
+BACKENDS = ("auto", "reference", "cuda")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class SaleOutput:
+    """Result of :func:`sale_attention` when extras are requested; unrequested extras are None."""
+
+    out: torch.Tensor
+    block_map: torch.Tensor | None = None  # bool [B, Hq, nQ, nK], True = computed
+    lse: torch.Tensor | None = None  # fp32 [B, Hq, Lq], natural log
+    density: torch.Tensor | None = None  # fp32 [B, Hq]
+    timings: dict | None = None  # ms per stage ("quant", "select", "compute") where the backend reports them
+
+
+def sale_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 32,
+    sink_tokens: int | None = None,
+    local_window: int = 128,
+    estimate: str = "int8",
+    quant_group: str = "per_token",
+    dense_below: int = 1024,
+    backend: str = "auto",
+    return_block_map: bool = False,
+    return_lse: bool = False,
+    return_density: bool = False,
+):
+    """Causal SALE sparse attention (semantics: ``shared/spec/SALE.md``).
+
+    q: [B, Hq, Lq, d]; k, v: [B, Hkv, Lk, d] with Hq % Hkv == 0 (GQA, K/V never repeated); fp16, bf16 or
+    fp32. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a
+    :class:`SaleOutput` when any ``return_*`` flag is set (density is filled whenever an object is returned).
+    """
+    tau = _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
+                 dense_below, backend)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    sink_tokens = block_k if sink_tokens is None else sink_tokens
+    want_object = return_block_map or return_lse or return_density
+    dense = q.shape[2] <= dense_below
+
+    chosen = _choose_backend(backend, q, estimate)
+    kwargs = dict(scale=scale, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens, local_window=local_window,
+                  estimate=estimate, quant_group=quant_group, need_block_map=return_block_map, need_lse=return_lse)
+    timings = None
+    if chosen == "cuda":
+        from . import cuda_backend
+
+        if dense and not want_object:
+            return _sdpa_dense(q, k, v, scale)
+        if dense:
+            tau = torch.zeros_like(tau)
+        out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs)
+    else:
+        out, lse, block_map, density = sale_attention_reference(q, k, v, tau, dense=dense, **kwargs)
+    if not want_object:
+        return out
+    return SaleOutput(out=out, block_map=block_map, lse=lse, density=density, timings=timings)
+
+
+def available_backends() -> dict[str, str]:
+    """Backend name -> "available" or the reason it is not."""
+    ok, reason = _cuda_status()
+    return {"reference": "available", "cuda": "available" if ok else reason}
+
+
+def _cuda_status() -> tuple[bool, str]:
+    try:
+        from . import cuda_backend
+    except ImportError as exc:
+        return False, f"the CUDA backend could not be imported ({exc})"
+    return cuda_backend.available()
+
+
+def _sdpa_dense(q, k, v, scale):
+    G = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1
+    )
+
+
+def _choose_backend(backend: str, q: torch.Tensor, estimate: str) -> str:
+    if backend == "reference":
+        return "reference"
+    ok, reason = _cuda_status()
+    if backend == "cuda":
+        if not q.is_cuda:
+            raise ValueError("backend='cuda' needs CUDA tensors; q is on " + str(q.device))
+        if not ok:
+            raise ValueError(f"backend='cuda' is not available: {reason}")
+        from . import cuda_backend
+
+        supported, why = cuda_backend.supports(q, estimate)
+        if not supported:
+            raise ValueError(f"backend='cuda' does not support this call: {why}")
+        return "cuda"
+    if q.is_cuda and ok:
+        from . import cuda_backend
+
+        if cuda_backend.supports(q, estimate)[0]:
+            return "cuda"
+    return "reference"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
+           dense_below, backend) -> torch.Tensor:
+    """Validate every argument; return thresholds as fp32 on q's device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            want = "[B, Hq, Lq, d]" if name == "q" else "[B, Hkv, Lk, d]"
+            raise ValueError(f"{name} must be a 4-D tensor {want}, got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, d], got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Hq, Lq, d = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k batch size must equal q's ({B}), got {k.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k head dim must equal q's ({d}), got {k.shape[3]}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if Lq == 0 or d == 0 or B == 0:
+        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
+    if Lq > Lk:
+        raise ValueError(f"q length ({Lq}) must not exceed k length ({Lk})")
+    if Lq < Lk:
+        raise ValueError(f"q length ({Lq}) < k length ({Lk}) (chunked prefill) is not supported yet; "
+                         "pass the whole prompt so that Lq == Lk")
+
+    if not isinstance(thresholds, torch.Tensor):
+        raise ValueError(f"thresholds must be a torch.Tensor of shape [{Hq}], got {type(thresholds).__name__}")
+    if thresholds.shape != (Hq,):
+        raise ValueError(f"thresholds must have shape [{Hq}] (one tau per query head), got {tuple(thresholds.shape)}")
+    if not thresholds.is_floating_point():
+        raise ValueError(f"thresholds must be a floating-point tensor, got {thresholds.dtype}")
+    tau = thresholds.detach().to(device=q.device, dtype=torch.float32)
+    if torch.isnan(tau).any():
+        raise ValueError("thresholds must not contain NaN")
+    if (tau < 0).any():
+        raise ValueError(f"thresholds must be >= 0 (0 = dense head), got min {tau.min().item():g}")
+    if torch.isinf(tau).any():
+        raise ValueError("thresholds must be finite")
+
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if not _is_int(val) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if sink_tokens is not None and (not _is_int(sink_tokens) or sink_tokens < 0):
+        raise ValueError(f"sink_tokens must be an int >= 0 or None (one key block), got {sink_tokens!r}")
+    if not _is_int(local_window) or local_window < 0:
+        raise ValueError(f"local_window must be an int >= 0 (tokens), got {local_window!r}")
+    if not _is_int(dense_below) or dense_below < 0:
+        raise ValueError(f"dense_below must be an int >= 0 (tokens), got {dense_below!r}")
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+    if quant_group not in QUANT_GROUPS:
+        raise ValueError(f"quant_group must be one of {QUANT_GROUPS}, got {quant_group!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return tau

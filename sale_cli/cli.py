@@ -1,0 +1,128 @@
+"""The `sale` command line: one small function per command; the work lives in the task modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="SALE sparse attention for long-context prefill: calibrate thresholds, time prefill, evaluate accuracy.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+
+@app.command()
+def info():
+    """Show versions, GPUs, available attention backends and whether the demo model is present."""
+    import platform
+
+    import torch
+    import transformers
+
+    from sale_cli import __version__, demo_model
+    from sale_cli.kernels import available_backends
+
+    table = Table(title="sale environment", show_header=False)
+    table.add_row("sale", __version__)
+    table.add_row("python", platform.python_version())
+    table.add_row("torch", torch.__version__)
+    table.add_row("transformers", transformers.__version__)
+    table.add_row("CUDA (torch build)", str(torch.version.cuda))
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            table.add_row(f"GPU {i}", f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        table.add_row("GPUs", "none visible")
+    for name, status in available_backends().items():
+        table.add_row(f"SALE backend: {name}", status)
+    from sale_cli.runner import probe_dense_backend
+
+    table.add_row("dense attention", probe_dense_backend())
+    path = demo_model.cached_path()
+    table.add_row(f"demo model ({demo_model.ALIAS})", str(path) if path else "not fetched yet (fetched on first use)")
+    console.print(table)
+
+
+def _options(block_q: int, block_k: int, sink_tokens: int | None, local_window: int, estimate: str,
+             quant_group: str, backend: str):
+    from sale_cli.options import SaleOptions
+
+    try:
+        return SaleOptions(block_q=block_q, block_k=block_k, sink_tokens=sink_tokens, local_window=local_window,
+                           estimate=estimate, quant_group=quant_group, backend=backend)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Argument(help="HF id, local directory, .gguf file or the demo alias.")] = "smollm2-135m",
+    theta: Annotated[float, typer.Option(help="Error bound per head: mean L1 error of a head's output per row.")] = 0.4,
+    samples: Annotated[int | None, typer.Option(help="Calibration samples [default: 5; demo model: 2].")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Tokens per sample [default: 120000; demo model: 2048].")] = None,
+    tau0: Annotated[float, typer.Option(help="Starting tau of every head (halved while the error is too large).")] = 0.008,
+    out: Annotated[Path | None, typer.Option(help="Output file [default: RESULTS_DIR/calibration/<model>/theta_<theta>.safetensors].")] = None,
+    results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
+    block_q: Annotated[int, typer.Option(help="Query block size.")] = 64,
+    block_k: Annotated[int, typer.Option(help="Key block size.")] = 32,
+    sink_tokens: Annotated[int | None, typer.Option(help="Sink tokens always computed [default: one key block].")] = None,
+    local_window: Annotated[int, typer.Option(help="Local window (tokens) always computed.")] = 128,
+    estimate: Annotated[str, typer.Option(help="Estimate precision: int8, int4 or none.")] = "int8",
+    quant_group: Annotated[str, typer.Option(help="Quantization scale group: per_token or per_block.")] = "per_token",
+    backend: Annotated[str, typer.Option(help="Attention backend: auto, reference or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
+    device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = "auto",
+    device_map: Annotated[str | None, typer.Option(help="'auto' spreads the model over all GPUs (accelerate).")] = None,
+):
+    """Calibrate per-head SALE thresholds (halving search from tau0 until each head's error is below theta).
+
+    Resumable: rerunning the same command continues after the last finished sample.
+    """
+    from sale_cli import calibrate as calib
+    from sale_cli import demo_model, thresholds
+    from sale_cli.runner import load_runner
+
+    demo = model == demo_model.ALIAS
+    samples = samples or (calib.DEMO_SAMPLES if demo else calib.PAPER_SAMPLES)
+    tokens = tokens or (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
+    options = _options(block_q, block_k, sink_tokens, local_window, estimate, quant_group, backend)
+    with console.status(f"loading {model}"):
+        runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map)
+    out = out or thresholds.default_path(results_dir, runner.model_name, theta)
+    console.print(f"Calibrating {runner.model_name}: theta={theta:g}, {samples} samples x {tokens} tokens, "
+                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}")
+    tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, console=console)
+    console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
+    console.print(f"Wrote {out}")
+
+
+@app.command()
+def demo(
+    theta: Annotated[float, typer.Option(help="Calibration error bound for the demo model.")] = 0.4,
+    prompts: Annotated[int, typer.Option(help="Passkey prompts (lengths spread over 1.5K-4K tokens).")] = 8,
+    results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
+):
+    """The main job on the embedded demo model (CPU is fine): fetch, calibrate, then passkey retrieval
+    with dense and SALE attention, printed as one table (accuracy, density, time)."""
+    from sale_cli.demo import run_demo
+
+    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console)
+
+
+def _register_tasks():
+    from sale_cli.eval.commands import infinitebench, longbench, summarize
+    from sale_cli.eval.latency_command import latency
+
+    for fn in (latency, longbench, infinitebench, summarize):
+        app.command()(fn)
+
+
+_register_tasks()

@@ -1,0 +1,461 @@
+"""The model runner: the only place that loads a model and runs it.
+
+Attention goes through transformers' attention-function registry: the runner registers the "sale"
+implementation, which routes prefill calls (more than one query token) to ``sale_attention`` with the
+layer's thresholds when the method is "sale", and everything else to the fastest exact dense attention.
+Each call can be timed (CUDA events on GPU, wall clock on CPU) and its block density recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sale_cli import demo_model
+from sale_cli import thresholds as thresholds_io
+from sale_cli.kernels import sale_attention
+from sale_cli.options import SaleOptions
+
+METHODS = ("dense", "sale")
+ATTN_NAME = "sale"
+
+
+@dataclass
+class PrefillResult:
+    prefill_ms: float
+    attn_ms: float
+    density: float
+    density_per_layer: list[list[float]]
+    logits_last: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    new_tokens: int
+    input_tokens: int
+    prefill_ms: float
+    attn_ms: float
+    density: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dense attention: the fastest exact SDPA backend of this torch, probed once per shape
+
+
+_DENSE_CHOICE: dict[tuple, tuple[str, bool]] = {}
+
+
+def _sdpa(q, k, v, scale, backend: str | None, repeat_kv: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    Lq, Lk = q.shape[2], k.shape[2]
+    G = q.shape[1] // k.shape[1]
+    if repeat_kv and G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    mask, causal = None, Lq > 1
+    if 1 < Lq < Lk:  # bottom-right aligned causal mask (prefix in the cache)
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        causal = False
+    kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=G > 1 and not repeat_kv)
+    if backend is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
+    """Time cuDNN, flash and memory-efficient SDPA on a 4K causal prefill; return (backend, repeat_kv)."""
+    key = (hq, hkv, d, dtype, device)
+    if key in _DENSE_CHOICE:
+        return _DENSE_CHOICE[key]
+    if device.type != "cuda":
+        _DENSE_CHOICE[key] = ("", False)
+        return _DENSE_CHOICE[key]
+    q = torch.randn(1, hq, 4096, d, device=device, dtype=dtype)
+    k = torch.randn(1, hkv, 4096, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    best, best_ms = None, math.inf
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        for repeat_kv in (False, True):
+            try:
+                for _ in range(2):
+                    _sdpa(q, k, v, None, backend, repeat_kv)
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(5):
+                    _sdpa(q, k, v, None, backend, repeat_kv)
+                torch.cuda.synchronize(device)
+                ms = (time.perf_counter() - start) * 200
+            except RuntimeError:
+                continue
+            if ms < best_ms:
+                best, best_ms = (backend, repeat_kv), ms
+    _DENSE_CHOICE[key] = best or ("", False)
+    return _DENSE_CHOICE[key]
+
+
+def dense_attention(q, k, v, scale):
+    """Exact causal attention with the fastest probed SDPA backend for this shape and device."""
+    backend, repeat_kv = _probe(q.shape[1], k.shape[1], q.shape[-1], q.dtype, q.device)
+    return _sdpa(q, k, v, scale, backend or None, repeat_kv)
+
+
+def _backend_label(choice: tuple[str, bool], device: torch.device) -> str:
+    backend, repeat_kv = choice
+    if not backend:
+        return "sdpa:default" if device.type == "cuda" else f"sdpa:{device.type}"
+    name = {"CUDNN_ATTENTION": "cudnn", "FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient"}[backend]
+    return f"sdpa:{name}" + ("+repeat_kv" if repeat_kv else "")
+
+
+def probe_dense_backend(hq: int = 32, hkv: int = 8, d: int = 128) -> str:
+    """Which dense attention this machine would use (Llama-3.1-8B shapes by default)."""
+    if not torch.cuda.is_available():
+        return "sdpa:cpu"
+    dev = torch.device("cuda", torch.cuda.current_device())
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _backend_label(_probe(hq, hkv, d, dtype, dev), dev)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the registered attention function and its per-model state
+
+
+class AttentionState:
+    """What the registered attention function needs from its runner, attached to every attention module."""
+
+    def __init__(self, num_layers: int, options: SaleOptions):
+        self.method = "dense"
+        self.options = options
+        self.thresholds: torch.Tensor | None = None  # [num_layers, Hq] on CPU
+        self._per_device: dict[tuple[int, str], torch.Tensor] = {}
+        self.num_layers = num_layers
+        self.recording = False
+        self.records: list[tuple] = []
+        # calibration: called as hook(layer_idx, q, k, v, dense_out, scale) on prefill calls
+        self.hook: Callable | None = None
+
+    def set_thresholds(self, tau: torch.Tensor | None):
+        self.thresholds = None if tau is None else tau.float().cpu()
+        self._per_device.clear()
+
+    def layer_tau(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, str(device))
+        if key not in self._per_device:
+            self._per_device[key] = self.thresholds[layer].to(device)
+        return self._per_device[key]
+
+
+def _attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function "sale": returns ([B, L, H, d], None)."""
+    state: AttentionState | None = getattr(module, "sale_state", None)
+    if state is None:
+        raise RuntimeError("attention implementation 'sale' is only usable on models loaded through sale_cli.runner")
+    if dropout:
+        raise ValueError("the 'sale' attention does not support dropout (inference only)")
+    layer = module.layer_idx
+    prefill = query.shape[2] > 1
+    timed = state.recording and prefill
+    if timed:
+        start = _now(query.device)
+    density, timings = None, None
+    if prefill and state.method == "sale":
+        res = sale_attention(query, key, value, state.layer_tau(layer, query.device), scale=scaling,
+                             **state.options.op_kwargs(), return_density=True)
+        out, density, timings = res.out, res.density.mean(0), res.timings
+    else:
+        out = dense_attention(query, key, value, scaling)
+        if prefill and state.hook is not None:
+            state.hook(layer, query, key, value, out, scaling)
+    if timed:
+        state.records.append((layer, start, _now(query.device), density, timings))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _now(device: torch.device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return time.perf_counter()
+
+
+def _elapsed_ms(start, end) -> float:
+    if isinstance(start, float):
+        return (end - start) * 1000
+    return start.elapsed_time(end)
+
+
+def register_attention():
+    """Register the "sale" attention function with transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention_forward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
+
+
+def _source(model: str) -> tuple[str, dict, str]:
+    """(path or id for from_pretrained, extra kwargs, short model name) for an alias, .gguf, directory or HF id."""
+    if model == demo_model.ALIAS:
+        gguf = demo_model.fetch()
+        return str(gguf.parent), {"gguf_file": gguf.name}, demo_model.NAME
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"model: GGUF file {path} does not exist")
+        name = demo_model.NAME if path.name == demo_model.GGUF else path.stem
+        return str(path.parent), {"gguf_file": path.name}, name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model: directory {path} has no config.json (expected a Hugging Face model folder)")
+        return str(path), {}, path.resolve().name
+    if path.exists() or model.count("/") > 1 or model.startswith((".", "/", "~")):
+        raise ValueError(f"model: {model!r} is neither a model directory, a .gguf file, the alias "
+                         f"{demo_model.ALIAS!r}, nor a Hugging Face id (owner/name)")
+    return model, {}, model.split("/")[-1]
+
+
+def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresholds: str | os.PathLike | None = None,
+                theta: float | None = None, results_dir: str | os.PathLike = "results",
+                options: SaleOptions | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+                device_map: str | None = None, random_weights: bool = False) -> Runner:
+    """Load a model (alias, HF id, local directory or .gguf) with the "sale" attention registered.
+
+    ``random_weights`` builds the architecture from the config alone (for timing without a checkpoint).
+    Without ``options``, a thresholds file's recorded op options are adopted.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_map not in (None, "auto"):
+        raise ValueError(f"device_map must be None or 'auto', got {device_map!r}")
+    torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
+    source, extra, name = _source(model)
+    register_attention()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        if random_weights:
+            if device_map is not None:
+                raise ValueError("random_weights builds the model on one device; drop device_map")
+            config = AutoConfig.from_pretrained(source, **extra)
+            with torch.device(device):
+                loaded = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTN_NAME)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, attn_implementation=ATTN_NAME,
+                device_map=device_map if device_map else None, **extra)
+    except OSError as exc:
+        raise RuntimeError(
+            f"could not load model {model!r}: it is neither a local directory nor in the Hugging Face cache, and the "
+            f"hub was not reachable or refused it ({exc}). Download it first (huggingface-cli download {model}) or "
+            "pass a local directory.") from exc
+    if device_map is None:
+        loaded.to(device)
+    loaded.eval()
+    runner = Runner(loaded, tokenizer, name, options or SaleOptions())
+    runner.adopt_file_options = options is None
+    runner.set_method(method, thresholds, theta=theta, results_dir=results_dir)
+    return runner
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+
+class Runner:
+    """A loaded model with the "sale" attention; prefill and greedy generation with timing and density."""
+
+    def __init__(self, model, tokenizer, model_name: str, options: SaleOptions):
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.options = options
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        self.state = AttentionState(self.num_layers, options)
+        attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+        if len(attn_modules) != self.num_layers:
+            raise ValueError(f"model {model_name}: found {len(attn_modules)} attention modules for "
+                             f"{self.num_layers} layers; only Llama/Qwen2-style decoder models are supported")
+        for m in attn_modules:
+            m.sale_state = self.state
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._shape = (cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+        self.thresholds_path: Path | None = None
+        self.adopt_file_options = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def method(self) -> str:
+        return self.state.method
+
+    @property
+    def dense_backend(self) -> str:
+        return _backend_label(_probe(*self._shape, self.dtype, self.device), self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def sale_backend(self) -> str:
+        """The backend sale_attention picks for this model's prefill calls ("cuda" or "reference")."""
+        from sale_cli.kernels.api import _choose_backend
+
+        hq, _, d = self._shape
+        probe = torch.empty(1, hq, 1, d, device=self.device, dtype=self.dtype)
+        return _choose_backend(self.options.backend, probe, self.options.estimate)
+
+    def set_method(self, method: str, thresholds: str | os.PathLike | torch.Tensor | None = None, *,
+                   theta: float | None = None, results_dir: str | os.PathLike = "results"):
+        """Switch to "dense" or "sale"; "sale" needs a thresholds file/tensor or a theta with a default file.
+
+        Switching back to "sale" without either keeps the thresholds already loaded.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "sale" and thresholds is None and theta is None and self.state.thresholds is not None:
+            self.state.method = method
+            return
+        if method == "sale":
+            if thresholds is None and theta is None:
+                raise ValueError("method 'sale' needs thresholds: pass --thresholds PATH or --theta X "
+                                 f"(after `sale calibrate {self.model_name} --theta X`)")
+            if isinstance(thresholds, torch.Tensor):
+                tau = thresholds
+                if tuple(tau.shape) != (self.num_layers, self.num_heads):
+                    raise ValueError(f"thresholds must have shape [{self.num_layers}, {self.num_heads}], "
+                                     f"got {tuple(tau.shape)}")
+            else:
+                path = Path(thresholds) if thresholds is not None else thresholds_io.default_path(
+                    results_dir, self.model_name, theta)
+                if self.adopt_file_options and path.is_file():
+                    _, meta = thresholds_io.load(path)
+                    if "block_q" in meta:
+                        self.options = self.state.options = SaleOptions.from_metadata(meta, self.options.backend)
+                tau, _ = thresholds_io.load(path, num_layers=self.num_layers, num_heads=self.num_heads,
+                                            options=self.options, model=self.model_name)
+                self.thresholds_path = path
+            self.state.set_thresholds(tau)
+        self.state.method = method
+
+    def apply_chat_template(self, text: str) -> str:
+        """The prompt wrapped as one user turn with the generation prompt, or unchanged without a template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _ids(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty list of ints or a [1, L] tensor, got {tuple(ids.shape)}")
+        return ids.to(self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _forward(self, ids, **kwargs):
+        """One recorded forward; returns (model output, prefill ms, attention ms, per-layer density, timings)."""
+        self.state.records = []
+        self.state.recording = True
+        self._sync()
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.model(ids, logits_to_keep=1, **kwargs)
+            self._sync()
+        finally:
+            self.state.recording = False
+        prefill_ms = (time.perf_counter() - start) * 1000
+        attn_ms, density, timings = 0.0, [[1.0] * self.num_heads for _ in range(self.num_layers)], {}
+        for layer, t0, t1, dens, split in self.state.records:
+            attn_ms += _elapsed_ms(t0, t1)
+            if dens is not None:
+                density[layer] = dens.float().cpu().tolist()
+            for name, ms in (split or {}).items():
+                timings[name] = timings.get(name, 0.0) + ms
+        self.state.records = []
+        return out, prefill_ms, attn_ms, density, timings
+
+    def prefill(self, input_ids) -> PrefillResult:
+        """One forward over the prompt (no cache kept), timed and with the block density per layer and head."""
+        out, prefill_ms, attn_ms, density, timings = self._forward(self._ids(input_ids), use_cache=False)
+        return PrefillResult(prefill_ms, attn_ms, _mean(density), density, out.logits[0, -1].float().cpu(), timings)
+
+    def generate(self, input_ids, max_new_tokens: int, stop_on_newline: bool = False) -> GenerationResult:
+        """Greedy decoding: a recorded prefill, then dense decode steps over the KV cache."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self._ids(input_ids)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out, prefill_ms, attn_ms, density, timings = self._forward(ids, use_cache=True, **{self._cache_kw: cache})
+        stop = set(self._eos_ids())
+        if stop_on_newline:
+            stop.update(self.tokenizer.encode("\n", add_special_tokens=False)[-1:])
+        new: list[int] = []
+        token = int(out.logits[0, -1].argmax())
+        with torch.inference_mode():
+            while token not in stop:
+                new.append(token)
+                if len(new) >= max_new_tokens:
+                    break
+                out = self.model(torch.tensor([[token]], device=self.device), use_cache=True, **{self._cache_kw: cache})
+                token = int(out.logits[0, -1].argmax())
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return GenerationResult(text, len(new), ids.shape[1], prefill_ms, attn_ms, _mean(density), timings)
+
+    @property
+    def _cache_kw(self) -> str:
+        """transformers renamed ``past_key_values`` to ``cache`` in 5.2x; pass whichever this version takes."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def _mean(rows: list[list[float]]) -> float:
+    flat = [x for row in rows for x in row]
+    return sum(flat) / len(flat)

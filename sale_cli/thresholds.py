@@ -1,0 +1,66 @@
+"""Per-head threshold files: safetensors with ``thresholds`` float32 [num_layers, num_heads] and metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sale_cli import __version__
+from sale_cli.options import SaleOptions
+
+REQUIRED_METADATA = ("model", "theta", "tau0", "samples", "tokens", "estimate", "quant_group", "block_q", "block_k",
+                     "local_window", "sink_tokens", "version")
+
+
+def default_path(results_dir: str | os.PathLike, model_name: str, theta: float) -> Path:
+    """results/calibration/<model-name>/theta_<theta>.safetensors"""
+    return Path(results_dir) / "calibration" / model_name / f"theta_{theta:g}.safetensors"
+
+
+def save(path: str | os.PathLike, thresholds: torch.Tensor, *, model: str, theta: float, tau0: float, samples: int,
+         tokens: int, options: SaleOptions, extra: dict[str, str] | None = None) -> Path:
+    """Write the file atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model, "theta": f"{theta:g}", "tau0": f"{tau0:g}", "samples": str(samples),
+            "tokens": str(tokens), "version": __version__, **options.metadata(), **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"thresholds": thresholds.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | os.PathLike, *, num_layers: int | None = None, num_heads: int | None = None,
+         options: SaleOptions | None = None, model: str | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read (thresholds, metadata); raise ValueError when the file does not fit the model or the run's options."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"thresholds file {path} does not exist; create it with `sale calibrate MODEL --theta X`")
+    with safe_open(str(path), framework="pt") as f:
+        if "thresholds" not in f.keys():
+            raise ValueError(f"{path} holds no tensor named 'thresholds'")
+        tau = f.get_tensor("thresholds")
+        meta = f.metadata() or {}
+    if tau.dim() != 2 or tau.dtype != torch.float32:
+        raise ValueError(f"{path}: 'thresholds' must be float32 [num_layers, num_heads], got {tau.dtype} {tuple(tau.shape)}")
+    if torch.isnan(tau).any() or (tau < 0).any():
+        raise ValueError(f"{path}: thresholds must be >= 0 and not NaN")
+    expected = (num_layers, num_heads)
+    if any(e is not None and e != got for e, got in zip(expected, tau.shape, strict=True)):
+        raise ValueError(f"{path}: thresholds have shape {tuple(tau.shape)} but the model has "
+                         f"{num_layers} layers x {num_heads} query heads")
+    if model is not None and meta.get("model") not in (None, model):
+        raise ValueError(f"{path} was calibrated for model {meta.get('model')!r}, not {model!r}")
+    if options is not None:
+        wrong = {k: (v, meta[k]) for k, v in options.metadata().items() if k in meta and meta[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k}={run} (file: {file})" for k, (run, file) in wrong.items())
+            raise ValueError(f"{path} was calibrated with other op options than this run: {detail}. "
+                             "Recalibrate or pass the file's options.")
+    return tau, meta
