@@ -1,0 +1,99 @@
+"""InfiniteBench: official data files, prompts and truncation, resumable generation, official scoring."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sale_cli.eval.common import (
+    Benchmark,
+    Prepared,
+    encode_final,
+    generate_all,
+    load_data,
+    load_spec,
+    prompt_budget,
+)
+from sale_cli.eval.metrics_infinitebench import ground_truth, score_task
+
+_SPEC = load_spec("infinitebench.json")
+MAX_NEW_TOKENS: dict[str, int] = _SPEC["max_new_tokens"]
+TEMPLATES: dict[str, dict[str, str]] = _SPEC["templates"]
+ALL_TASKS = list(MAX_NEW_TOKENS)
+PAPER_TASKS = ["kv_retrieval", "longbook_choice_eng", "math_find", "longbook_qa_eng", "longdialogue_qa_eng"]
+# Template sets: "yarn_mistral" is the official one for open models (plain completion, no chat template);
+# "gpt4" holds the official instruction prompts, sent through the model's chat template.
+CHAT_TEMPLATE_SETS = frozenset({"gpt4"})
+HUB_REPO = "xinrongzhang2022/InfiniteBench"
+KEY = "id"
+
+
+def load_samples(task: str, data_dir: Path, limit: int | None = None) -> list[dict]:
+    """The official `<task>.jsonl` records (first `limit` of them), downloading the file if missing."""
+    def download() -> None:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(HUB_REPO, f"{task}.jsonl", repo_type="dataset", local_dir=data_dir)
+
+    return load_data(data_dir / f"{task}.jsonl", download,
+                     f"Download {task}.jsonl from https://huggingface.co/datasets/{HUB_REPO} into {data_dir}/, "
+                     "or pass --data-dir.", limit)
+
+
+def build_prompt(sample: dict, task: str, template_set: str) -> str:
+    """The official `create_prompt` for the hub's file format."""
+    template = TEMPLATES[template_set][task]
+    options = dict(zip(["OPTION_A", "OPTION_B", "OPTION_C", "OPTION_D"], sample.get("options") or [], strict=False))
+    if task == "code_run":
+        func_call = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", sample["input"])[0]
+        return template.format(func=func_call.split("(")[0], func_call=func_call, context=sample["context"])
+    if task == "code_debug":
+        return template.format(context=sample["context"], **options)
+    if task in ("longdialogue_qa_eng", "longbook_sum_eng", "math_calc"):
+        return template.format(context=sample["context"])
+    if task == "longbook_choice_eng":
+        return template.format(question=sample["input"], context=sample["context"], **options)
+    if task in ("longbook_qa_eng", "longbook_qa_chn"):
+        return template.format(question=sample["input"], context=sample["context"])
+    if task == "math_find":
+        found = re.findall(r"The .+ of", sample["input"])
+        if not found:
+            raise ValueError(f"math_find sample {sample.get(KEY)}: no 'The ... of' in its input {sample['input']!r}")
+        prefix = f"What is {found[0].lower()[:-3]} in the following list?"
+        return template.format(prefix=prefix, context=sample["context"], input=sample["input"])
+    return template.format(context=sample["context"], input=sample["input"])
+
+
+def prepare(runner, sample: dict, task: str, template_set: str, budget: int) -> Prepared:
+    """Official prompt, tokens middle-truncated to `budget` and decoded, then re-encoded (chat-formatted)."""
+    tok = runner.tokenizer
+    ids = tok(build_prompt(sample, task, template_set)).input_ids
+    if len(ids) > budget:
+        ids = ids[: budget // 2] + ids[-(budget // 2):]
+    prompt = tok.decode(ids, skip_special_tokens=True)
+    return Prepared(encode_final(runner, prompt, template_set in CHAT_TEMPLATE_SETS), MAX_NEW_TOKENS[task])
+
+
+def run(runner, exp_dir: Path, tasks: list[str], data_dir: Path, limit: int | None, max_length: int | None,
+        template_set: str) -> None:
+    """Generate the missing predictions of each task (this rank's share)."""
+    if template_set not in TEMPLATES:
+        raise ValueError(f"--template: unknown {template_set!r}; choose from {', '.join(TEMPLATES)}")
+    for task in tasks:
+        samples = load_samples(task, data_dir, limit)
+        budget = prompt_budget(runner, max_length, MAX_NEW_TOKENS[task], template_set in CHAT_TEMPLATE_SETS,
+                               "--max-length")
+
+        def record(sample: dict, res, task=task) -> dict:
+            return {KEY: sample[KEY], "prediction": res.text, "ground_truth": ground_truth(sample, task)}
+
+        generate_all(runner, samples, KEY, BENCH.predictions(exp_dir, task),
+                     lambda s, t=task, b=budget: prepare(runner, s, t, template_set, b), record,
+                     f"infinitebench/{task}")
+
+
+def _score_records(task: str, records: list[dict]) -> float:
+    return score_task(task, [r["prediction"] for r in records], [r["ground_truth"] for r in records])
+
+
+BENCH = Benchmark("infinitebench", ALL_TASKS, "preds_{}.jsonl", KEY, "--tasks", _score_records)
