@@ -1,0 +1,69 @@
+// SALE CUDA kernels: host-side launcher declarations (plain C++, included by binding.cpp and the .cu files).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace sale {
+
+constexpr int kBlockQ = 64;   // query rows per block (the only supported value)
+constexpr int kBlockK = 32;   // keys per block (the only supported value)
+constexpr int kColsumRows = 256;  // rows per partial column-sum chunk
+
+// ---- stage 1: quantization -----------------------------------------------------------------
+// partial[bh, chunk, c] = sum of x[bh, chunk*kColsumRows : ..., c]  (fp32, deterministic)
+cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, int nchunk, bool bf16,
+                          cudaStream_t stream);
+
+struct QuantParams {
+  const void* x;        // [BH, L, D] fp16/bf16, contiguous
+  const float* mean;    // [BH, D]
+  void* xs;             // smoothed copy [BH, Lpad, D] (input dtype) or nullptr
+  int8_t* xi;           // [BH, Lpad, D]
+  float* step;          // [BH, Lpad]
+  const float* qmean;   // K only: query-head means [B, Hq, D] (nullptr for Q)
+  float* qm;            // K only: qm[b, hq, j] = qmean[b,hq] . ks[b,hkv,j]  [B, Hq, Lpad]
+  int L, Lpad, H;       // H: heads of x
+  int G;                // K only: query heads per kv head
+  int group_rows;       // 1 (per_token) or the block size (per_block); divides 64
+  // Q only: c[b, hq, i] = scale * q_i . kmean[b, hq / G]  (the logit shift of smoothing K), [B, Hq, Lpad]
+  const float* kmean;   // [B, Hkv, D] or nullptr
+  float* qkm;
+  float scale;
+};
+cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, cudaStream_t stream);
+
+// ---- stage 2: selection ----------------------------------------------------------------------
+struct SelectParams {
+  const void* q;        // [B, Hq, L, D]
+  const void* k;        // K [B, Hkv, L, D] (unsmoothed: logits are shifted by -qkm, exactly the smoothed ones)
+  const int8_t* qi;     // [B, Hq, Lpad, D]
+  const float* sq;      // [B, Hq, Lpad]
+  const int8_t* ki;     // [B, Hkv, Lpad, D]
+  const float* sk;      // [B, Hkv, Lpad]
+  const float* qm;      // [B, Hq, Lpad]
+  const float* qkm;     // [B, Hq, Lpad] scale * q_i . kmean
+  const float* tau;     // [Hq]
+  uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed
+  int* pairs;           // out [B, Hq] (zeroed by the caller): computed (qblock, kblock) pairs
+  int B, Hq, Hkv, L, Lpad, nQ, nK, nW;
+  int sink_tokens, local_window;
+  float scale;
+};
+cudaError_t launch_select(const SelectParams& p, int D, bool bf16, cudaStream_t stream);
+
+// ---- stage 3: block-sparse attention -----------------------------------------------------------
+struct ComputeParams {
+  const void* q;        // [B, Hq, L, D]
+  const void* k;        // K [B, Hkv, L, D] (softmax is invariant to the smoothing shift, so the original K
+                        // is used: exact in the input dtype, and lse comes out for the original logits)
+  const void* v;        // [B, Hkv, L, D]
+  const uint32_t* bits; // [B, Hq, nQ, nW]
+  void* o;              // [B, Hq, L, D]
+  float* lse;           // [B, Hq, L] or nullptr
+  int B, Hq, Hkv, L, Lpad, nQ, nW;
+  float scale_log2;     // scale * log2(e)
+};
+cudaError_t launch_compute(const ComputeParams& p, int D, bool bf16, cudaStream_t stream);
+
+}  // namespace sale

@@ -1,0 +1,208 @@
+// SALE stage 1: smoothing and symmetric int8 quantization of Q and K.
+//   colsum_partial: deterministic per-channel partial sums (means are finished by the binding).
+//   smooth_quant:   x_s = x - mean (fp32), step = max|x_s| / 127 over the scale group (row or block),
+//                   x_int = round_half_even(x_s / step); for K also the smoothed copy (input dtype) and
+//                   qm[b, hq, j] = q_mean[hq] . k_s[j] for every query head of the group.
+#include "sale_common.cuh"
+#include "sale_launch.cuh"
+
+namespace sale {
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128) colsum_partial_kernel(const T* __restrict__ x, float* __restrict__ partial,
+                                                             int L, int nchunk) {
+  constexpr int CPR = D / 8;        // 16-byte chunks per row
+  constexpr int RG = 128 / CPR;     // rows in flight per CTA
+  __shared__ float red[RG][D];
+  const int chunk = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int c8 = tid % CPR;
+  const int rg = tid / CPR;
+  const T* base = x + (size_t)bh * L * D;
+  const int rbeg = chunk * kColsumRows;
+  const int rend = min(rbeg + kColsumRows, L);
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int r = rbeg + rg; r < rend; r += RG) {
+    const uint4 u = *reinterpret_cast<const uint4*>(base + (size_t)r * D + c8 * 8);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = TypeTraits<T>::unpack2(w[e]);
+      acc[2 * e] += f.x;
+      acc[2 * e + 1] += f.y;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) red[rg][c8 * 8 + e] = acc[e];
+  __syncthreads();
+  if (tid < D) {
+    float s = 0.f;
+#pragma unroll
+    for (int g = 0; g < RG; ++g) s += red[g][tid];
+    partial[((size_t)bh * nchunk + chunk) * D + tid] = s;
+  }
+}
+
+// One CTA = 64 rows (4 warps x 16 rows), one warp per row at a time, EPL = D/32 channels per lane.
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
+  constexpr int EPL = D / 32;
+  __shared__ float amax_s[64];
+  __shared__ float qmean_s[16][D];
+  const int bh = blockIdx.y;
+  const int row0 = blockIdx.x * 64;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* xb = reinterpret_cast<const T*>(p.x) + (size_t)bh * p.L * D;
+  const bool isK = p.qmean != nullptr;
+  const int b = bh / p.H, h = bh % p.H;
+  if (isK) {
+    const int Hq = p.H * p.G;
+    for (int i = threadIdx.x; i < p.G * D; i += 128)
+      qmean_s[i / D][i % D] = p.qmean[((size_t)b * Hq + h * p.G + i / D) * D + (i % D)];
+  }
+  float mean[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) mean[e] = p.mean[(size_t)bh * D + lane * EPL + e];
+
+  const bool want_qkm = p.kmean != nullptr;
+  float kmean[EPL];
+  if (want_qkm) {
+    const int kvrow = b * (p.H / p.G) + h / p.G;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) kmean[e] = p.kmean[(size_t)kvrow * D + lane * EPL + e];
+  }
+
+  float val[16][EPL];
+#pragma unroll
+  for (int rr = 0; rr < 16; ++rr) {
+    const int row = row0 + warp * 16 + rr;
+    float am = 0.f;
+    float kd = 0.f;
+    if (row < p.L) {
+      const T* src = xb + (size_t)row * D + lane * EPL;
+      float f[EPL];
+      if constexpr (EPL == 4) {
+        const uint2 u = *reinterpret_cast<const uint2*>(src);
+        const float2 f0 = TypeTraits<T>::unpack2(u.x), f1 = TypeTraits<T>::unpack2(u.y);
+        f[0] = f0.x;
+        f[1] = f0.y;
+        f[2] = f1.x;
+        f[3] = f1.y;
+      } else {
+        const uint32_t u = *reinterpret_cast<const uint32_t*>(src);
+        const float2 f0 = TypeTraits<T>::unpack2(u);
+        f[0] = f0.x;
+        f[1] = f0.y;
+      }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        if (want_qkm) kd = fmaf(f[e], kmean[e], kd);
+        val[rr][e] = f[e] - mean[e];
+        am = fmaxf(am, fabsf(val[rr][e]));
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) val[rr][e] = 0.f;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+    if (want_qkm) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) kd += __shfl_xor_sync(0xffffffffu, kd, o);
+      if (lane == 0) p.qkm[(size_t)bh * p.Lpad + row] = p.scale * kd;
+    }
+    if (lane == 0) amax_s[warp * 16 + rr] = am;
+  }
+  __syncthreads();
+
+  const size_t obase = (size_t)bh * p.Lpad;
+#pragma unroll
+  for (int rr = 0; rr < 16; ++rr) {
+    const int lr = warp * 16 + rr;
+    const int row = row0 + lr;
+    float am = amax_s[lr];
+    if (p.group_rows > 1) {
+      const int g0 = (lr / p.group_rows) * p.group_rows;
+      am = 0.f;
+      for (int i = 0; i < p.group_rows; ++i) am = fmaxf(am, amax_s[g0 + i]);
+    }
+    const float step = am / 127.0f;  // IEEE division (no fast-math)
+    uint32_t packed = 0u;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) {
+      int iv = 0;
+      if (step > 0.f) {
+        iv = __float2int_rn(__fdiv_rn(val[rr][e], step));
+        iv = max(-127, min(127, iv));
+      }
+      packed |= ((uint32_t)iv & 0xffu) << (8 * e);
+    }
+    int8_t* dst = p.xi + (obase + row) * D + lane * EPL;
+    if constexpr (EPL == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = packed;
+    } else {
+      *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
+    }
+    if (lane == 0) p.step[obase + row] = step;
+    if (p.xs != nullptr) {
+      T* xs = reinterpret_cast<T*>(p.xs) + (obase + row) * D + lane * EPL;
+      if constexpr (EPL == 4) {
+        uint2 u;
+        u.x = TypeTraits<T>::pack2(val[rr][0], val[rr][1]);
+        u.y = TypeTraits<T>::pack2(val[rr][2], val[rr][3]);
+        *reinterpret_cast<uint2*>(xs) = u;
+      } else {
+        *reinterpret_cast<uint32_t*>(xs) = TypeTraits<T>::pack2(val[rr][0], val[rr][1]);
+      }
+    }
+    if (isK) {
+      const int Hq = p.H * p.G;
+      for (int g = 0; g < p.G; ++g) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) s = fmaf(qmean_s[g][lane * EPL + e], val[rr][e], s);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) p.qm[((size_t)b * Hq + h * p.G + g) * p.Lpad + row] = (row < p.L) ? s : 0.f;
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+static cudaError_t colsum_dispatch(const void* x, float* partial, int BH, int L, int nchunk, cudaStream_t s) {
+  dim3 grid(nchunk, BH);
+  colsum_partial_kernel<T, D><<<grid, 128, 0, s>>>(reinterpret_cast<const T*>(x), partial, L, nchunk);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, int nchunk, bool bf16,
+                          cudaStream_t stream) {
+  if (D == 64)
+    return bf16 ? colsum_dispatch<__nv_bfloat16, 64>(x, partial, BH, L, nchunk, stream)
+                : colsum_dispatch<__half, 64>(x, partial, BH, L, nchunk, stream);
+  if (D == 128)
+    return bf16 ? colsum_dispatch<__nv_bfloat16, 128>(x, partial, BH, L, nchunk, stream)
+                : colsum_dispatch<__half, 128>(x, partial, BH, L, nchunk, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int D>
+static cudaError_t sq_dispatch(const QuantParams& p, int BH, cudaStream_t s) {
+  dim3 grid(p.Lpad / 64, BH);
+  smooth_quant_kernel<T, D><<<grid, 128, 0, s>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, cudaStream_t stream) {
+  if (p.Lpad % 64 != 0 || p.G > 16 || (p.group_rows != 1 && 64 % p.group_rows != 0)) return cudaErrorInvalidValue;
+  if (D == 64) return bf16 ? sq_dispatch<__nv_bfloat16, 64>(p, BH, stream) : sq_dispatch<__half, 64>(p, BH, stream);
+  if (D == 128)
+    return bf16 ? sq_dispatch<__nv_bfloat16, 128>(p, BH, stream) : sq_dispatch<__half, 128>(p, BH, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace sale
