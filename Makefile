@@ -8,7 +8,7 @@ THETA ?= 0.4
 EXP ?= sale_default
 STAMP := build/.installed
 
-.PHONY: install test lint demo longbench infinitebench latency
+.PHONY: install test lint demo longbench infinitebench latency latency-config
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -25,3 +25,29 @@ lint: $(STAMP)
 
 demo: $(STAMP)  ## the main job on the demo model: calibrate, then passkey retrieval dense vs SALE
 	sale demo
+
+# LongBench / InfiniteBench: SALE at THETA (THETA= runs dense); NPROC>1 shards samples over GPUs with torchrun;
+# ARGS passes more options (e.g. ARGS="--limit 20").
+NPROC ?= 1
+ARGS ?=
+SALE_RUN = $(if $(filter-out 1,$(NPROC)),torchrun --nproc-per-node $(NPROC) $$(command -v sale),sale)
+METHOD_ARGS = $(if $(strip $(THETA)),--method sale --theta $(THETA),--method dense)
+
+longbench: $(STAMP)  ## LongBench (the paper's 14 datasets) for MODEL into results/EXP, then scored
+	$(SALE_RUN) longbench $(MODEL) --exp $(EXP) $(METHOD_ARGS) $(ARGS)
+
+infinitebench: $(STAMP)  ## InfiniteBench (the paper's 5 tasks) for MODEL into results/EXP, then scored
+	$(SALE_RUN) infinitebench $(MODEL) --exp $(EXP) $(METHOD_ARGS) $(ARGS)
+
+# Latency: LATENCY_ARGS passes more options (e.g. LATENCY_ARGS="--lengths 8192,16384 --repeats 3").
+RANDOM_WEIGHTS ?=
+LATENCY_ARGS ?=
+LATENCY_PRESET ?= llama-3.1-8b
+LATENCY_CONFIG_DIR ?= results/models/$(LATENCY_PRESET)-config
+
+latency: $(STAMP)  ## NIAH prefill timing for MODEL, dense vs SALE at THETA
+	sale latency $(MODEL) $(if $(THETA),--theta $(THETA)) $(if $(RANDOM_WEIGHTS),--random-weights) $(LATENCY_ARGS)
+
+# config.json of LATENCY_PRESET plus a tokenizer trained on the bundled haystack; no weights.
+latency-config: $(STAMP)  ## config + tokenizer of LATENCY_PRESET (no weights) for RANDOM_WEIGHTS=1 timing
+	$(PYTHON) -c "from sale_cli.eval.niah import write_config_dir; write_config_dir('$(LATENCY_CONFIG_DIR)', '$(LATENCY_PRESET)')"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from sale_cli.eval.common import Benchmark, barrier, check_run_config, finish_ranks, parse_names, rank_world
 
 

@@ -204,6 +204,7 @@ class Prepared:
     input_ids: list[int]
     max_new_tokens: int
     stop_on_newline: bool = False
+    min_new_tokens: int = 0
 
 
 def generate_all(runner, samples: list[dict], key: str, out: PredictionFile, prepare: Callable[[dict], Prepared],
@@ -220,7 +221,8 @@ def generate_all(runner, samples: list[dict], key: str, out: PredictionFile, pre
     append = out.writer(rank, world)
     for sample in track(todo, description=f"{label} (rank {rank})" if world > 1 else label, disable=not todo):
         p = prepare(sample)
-        res = runner.generate(p.input_ids, p.max_new_tokens, stop_on_newline=p.stop_on_newline)
+        res = runner.generate(p.input_ids, p.max_new_tokens, stop_on_newline=p.stop_on_newline,
+                              min_new_tokens=p.min_new_tokens)
         rec = record(sample, res)
         rec.update(input_tokens=res.input_tokens, attn_ms=res.attn_ms, density=res.density)
         append(rec)

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from sale_cli.eval import niah
 
 from sale_cli import demo_model
+from sale_cli.eval import niah
+from sale_cli.eval.common import atomic_write_json
 
 METHODS = ("dense", "sale")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -224,6 +225,7 @@ def latency(
         },
         "records": records,
     }
-    path = niah.write_json_atomic(results_dir / "latency" / runner.model_name / "latency.json", payload)
+    path = results_dir / "latency" / runner.model_name / "latency.json"
+    atomic_write_json(path, payload)
     console.print(niah.latency_table(records, env))
     console.print(f"Wrote {path}")

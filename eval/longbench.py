@@ -59,7 +59,8 @@ def prepare(runner, sample: dict, dataset: str, budget: int) -> Prepared:
         half = budget // 2
         prompt = (tok.decode(ids[:half], skip_special_tokens=True)
                   + tok.decode(ids[-half:], skip_special_tokens=True))
-    return Prepared(encode_final(runner, prompt, chat), MAX_NEW_TOKENS[dataset], stop_on_newline=dataset == "samsum")
+    return Prepared(encode_final(runner, prompt, chat), MAX_NEW_TOKENS[dataset], stop_on_newline=dataset == "samsum",
+                    min_new_tokens=1 if dataset == "samsum" else 0)  # pred.py: min_length = prompt + 1 for samsum
 
 
 def _record(sample: dict, res) -> dict:

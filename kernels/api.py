@@ -44,19 +44,21 @@ def sale_attention(
     return_block_map: bool = False,
     return_lse: bool = False,
     return_density: bool = False,
+    return_timings: bool = False,
 ):
     """Causal SALE sparse attention (semantics: ``shared/spec/SALE.md``).
 
     q: [B, Hq, Lq, d]; k, v: [B, Hkv, Lk, d] with Hq % Hkv == 0 (GQA, K/V never repeated); fp16, bf16 or
     fp32. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a
     :class:`SaleOutput` when any ``return_*`` flag is set (density is filled whenever an object is returned).
+    ``return_timings`` asks the CUDA backend for ms per stage (quant, select, compute); it synchronizes.
     """
     tau = _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
                  dense_below, backend)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     sink_tokens = block_k if sink_tokens is None else sink_tokens
-    want_object = return_block_map or return_lse or return_density
+    want_object = return_block_map or return_lse or return_density or return_timings
     dense = q.shape[2] <= dense_below
 
     chosen = _choose_backend(backend, q, estimate)
@@ -70,7 +72,8 @@ def sale_attention(
             return _sdpa_dense(q, k, v, scale)
         if dense:
             tau = torch.zeros_like(tau)
-        out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs)
+        out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs,
+                                                                                 timing=return_timings)
     else:
         out, lse, block_map, density = sale_attention_reference(q, k, v, tau, dense=dense, **kwargs)
     if not want_object:

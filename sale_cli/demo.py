@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +10,7 @@ from rich.table import Table
 from sale_cli import calibrate as calib
 from sale_cli import demo_model, thresholds
 from sale_cli.data.passkey import found_key, passkey_prompt
+from sale_cli.eval.common import atomic_write_json
 from sale_cli.runner import load_runner
 
 DEMO_LENGTHS = (1536, 2048, 2560, 3072, 3584, 4096)
@@ -67,8 +67,5 @@ def run_demo(theta: float, prompts: int, results_dir: Path, console: Console):
     console.print(table)
     console.print("SALE runs the PyTorch reference backend on CPU: it shows accuracy and density, not speed.")
     out = Path(results_dir) / "demo" / "passkey.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"theta": theta, "thresholds": str(path), "records": records}, indent=1))
-    tmp.replace(out)
+    atomic_write_json(out, {"theta": theta, "thresholds": str(path), "records": records})
     console.print(f"Wrote {out}")

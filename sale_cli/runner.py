@@ -140,6 +140,7 @@ class AttentionState:
         self._per_device: dict[tuple[int, str], torch.Tensor] = {}
         self.num_layers = num_layers
         self.recording = False
+        self.stage_timings = False  # ask the kernel for quant/select/compute times (it synchronizes per call)
         self.records: list[tuple] = []
         # calibration: called as hook(layer_idx, q, k, v, dense_out, scale) on prefill calls
         self.hook: Callable | None = None
@@ -170,7 +171,8 @@ def _attention_forward(module, query, key, value, attention_mask=None, scaling=N
     density, timings = None, None
     if prefill and state.method == "sale":
         res = sale_attention(query, key, value, state.layer_tau(layer, query.device), scale=scaling,
-                             **state.options.op_kwargs(), return_density=True)
+                             **state.options.op_kwargs(), return_density=True,
+                             return_timings=state.stage_timings and timed)
         out, density, timings = res.out, res.density.mean(0), res.timings
     else:
         out = dense_attention(query, key, value, scaling)
@@ -418,8 +420,13 @@ class Runner:
         out, prefill_ms, attn_ms, density, timings = self._forward(self._ids(input_ids), use_cache=False)
         return PrefillResult(prefill_ms, attn_ms, _mean(density), density, out.logits[0, -1].float().cpu(), timings)
 
-    def generate(self, input_ids, max_new_tokens: int, stop_on_newline: bool = False) -> GenerationResult:
-        """Greedy decoding: a recorded prefill, then dense decode steps over the KV cache."""
+    def generate(self, input_ids, max_new_tokens: int, stop_on_newline: bool = False,
+                 min_new_tokens: int = 0) -> GenerationResult:
+        """Greedy decoding: a recorded prefill, then dense decode steps over the KV cache.
+
+        Stops at an end-of-sequence token (or a newline with ``stop_on_newline``), never before
+        ``min_new_tokens`` tokens.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self._ids(input_ids)
@@ -431,14 +438,21 @@ class Runner:
         if stop_on_newline:
             stop.update(self.tokenizer.encode("\n", add_special_tokens=False)[-1:])
         new: list[int] = []
-        token = int(out.logits[0, -1].argmax())
+        blocked = torch.tensor(sorted(stop), dtype=torch.long)
+
+        def pick(logits: torch.Tensor) -> int:
+            if len(new) < min_new_tokens and len(blocked):
+                logits = logits.float().index_fill(0, blocked.to(logits.device), -math.inf)
+            return int(logits.argmax())
+
+        token = pick(out.logits[0, -1])
         with torch.inference_mode():
             while token not in stop:
                 new.append(token)
                 if len(new) >= max_new_tokens:
                     break
                 out = self.model(torch.tensor([[token]], device=self.device), use_cache=True, **{self._cache_kw: cache})
-                token = int(out.logits[0, -1].argmax())
+                token = pick(out.logits[0, -1])
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return GenerationResult(text, len(new), ids.shape[1], prefill_ms, attn_ms, _mean(density), timings)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from sale_cli.kernels import sale_attention
 
 

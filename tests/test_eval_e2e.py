@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from sale_cli.eval import commands, common, niah, summary
 from sale_cli.eval import infinitebench as ib
 from sale_cli.eval import longbench as lb
 from sale_cli.eval.metrics_longbench import score_dataset
-from typer.testing import CliRunner
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LB_DATA, IB_DATA = FIXTURES / "longbench", FIXTURES / "infinitebench"

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
+
 from sale_cli.eval import niah
 
 
@@ -125,6 +126,7 @@ class FakeRunner:
     def __init__(self):
         self.method = "sale"
         self.thresholds_path = "tau.safetensors"
+        self.sale_backend = "reference"
         self.calls = []
 
     def set_method(self, method, thresholds=None):
@@ -162,7 +164,7 @@ def test_run_benchmark_alternates_methods_with_warmup_after_each_switch(tokenize
     assert runner.calls == [
         ("set", "dense", None),
         *block("dense", 200),
-        ("set", "sale", "tau.safetensors"),
+        ("set", "sale", None),
         *block("sale", 200),
         *block("sale", 300),
         ("set", "dense", None),
@@ -201,7 +203,10 @@ def test_summarize_records_speedups_and_overhead(tokenizer):
 
 
 def test_write_json_atomic_leaves_no_temporary_file(tmp_path):
-    path = niah.write_json_atomic(tmp_path / "a" / "latency.json", {"records": [1, 2]})
+    from sale_cli.eval.common import atomic_write_json
+
+    path = tmp_path / "a" / "latency.json"
+    atomic_write_json(path, {"records": [1, 2]})
     assert json.loads(path.read_text()) == {"records": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["latency.json"]
 
@@ -221,6 +226,7 @@ def test_write_config_dir_tiny(tmp_path):
 
 def _app():
     import typer
+
     from sale_cli.eval.latency_command import latency
 
     app = typer.Typer()

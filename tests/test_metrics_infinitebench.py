@@ -1,6 +1,7 @@
 """InfiniteBench scorers against hand-computed values of the official compute_scores.py behaviour."""
 
 import pytest
+
 from sale_cli.eval import metrics_infinitebench as M
 
 CHOICE = ["On the copper bridge", "B"]

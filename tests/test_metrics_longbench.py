@@ -1,6 +1,7 @@
 """LongBench scorers against hand-computed values of the official metrics.py / eval.py behaviour."""
 
 import pytest
+
 from sale_cli.eval import metrics_longbench as M
 
 TREC_CLASSES = ["Abbreviation", "Animal", "Color", "Date", "Individual", "City"]

@@ -1,0 +1,66 @@
+"""The runner on a CUDA device: the "sale" attention reaches the CUDA kernel inside a real model."""
+
+import pytest
+import torch
+
+from sale_cli.options import SaleOptions
+from sale_cli.runner import load_runner
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sale_cli.eval.niah import train_tokenizer
+
+    path = tmp_path_factory.mktemp("gpu_llama")
+    tok = train_tokenizer("The quick brown fox jumps over the lazy dog. 0123456789\n" * 50, vocab_size=300)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(6)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_sale_on_cuda_uses_the_kernel_and_matches_dense_at_tau_zero(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    runner = load_runner(str(model_dir), dtype="bfloat16", device="cuda", options=SaleOptions(dense_below=0))
+    assert runner.sale_backend == "cuda", runner.sale_backend
+    assert runner.dense_backend.startswith("sdpa:")
+    ids = torch.randint(0, runner.model.config.vocab_size, (1, 3000), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+    with torch.no_grad():
+        want = plain(ids.cuda()).logits[0, -1].float().cpu()
+    dense = runner.prefill(ids)
+    assert (dense.logits_last - want).abs().max() < 0.1
+    runner.set_method("sale", torch.zeros(2, 4))
+    zero = runner.prefill(ids)
+    assert (zero.logits_last - dense.logits_last).abs().max() < 0.1 and zero.density == 1.0
+    runner.set_method("sale", torch.full((2, 4), 0.3))
+    runner.state.stage_timings = True
+    sparse = runner.prefill(ids)
+    assert 0 < sparse.density < 1 and sparse.attn_ms > 0
+    assert set(sparse.timings) == {"quant", "select", "compute"}
+    gen = runner.generate(ids[0].tolist(), max_new_tokens=4)
+    assert gen.input_tokens == 3000 and gen.new_tokens >= 1
+
+
+def test_calibration_on_cuda(model_dir, tmp_path):
+    from sale_cli.calibrate import calibrate
+
+    runner = load_runner(str(model_dir), dtype="bfloat16", device="cuda", options=SaleOptions(dense_below=0))
+    tau, density = calibrate(runner, 0.5, samples=1, tokens=2500, out=tmp_path / "t.safetensors", tau0=0.64,
+                             progress=False)
+    assert tau.shape == (2, 4) and (tau >= 0).all() and ((density > 0) & (density <= 1)).all()
+    assert (tau > 0).any()
