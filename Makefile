@@ -46,7 +46,7 @@ LATENCY_PRESET ?= llama-3.1-8b
 LATENCY_CONFIG_DIR ?= results/models/$(LATENCY_PRESET)-config
 
 latency: $(STAMP)  ## NIAH prefill timing for MODEL, dense vs SALE at THETA
-	sale latency $(MODEL) $(if $(THETA),--theta $(THETA)) $(if $(RANDOM_WEIGHTS),--random-weights) $(LATENCY_ARGS)
+	sale latency $(MODEL) --exp $(EXP)-latency $(if $(THETA),--theta $(THETA)) $(if $(RANDOM_WEIGHTS),--random-weights) $(LATENCY_ARGS)
 
 # config.json of LATENCY_PRESET plus a tokenizer trained on the bundled haystack; no weights.
 latency-config: $(STAMP)  ## config + tokenizer of LATENCY_PRESET (no weights) for RANDOM_WEIGHTS=1 timing

@@ -117,8 +117,11 @@ def latency(
         str | None, typer.Option(help="Spread the model over devices, e.g. 'auto' for all GPUs (accelerate).")
     ] = None,
     results_dir: Annotated[
-        Path, typer.Option(help="Results root; writes RESULTS_DIR/latency/<model>/latency.json.")
+        Path, typer.Option(help="Results root; writes RESULTS_DIR/EXP/latency.json.")
     ] = Path("results"),
+    exp: Annotated[
+        str | None, typer.Option(help="Experiment name. [default: latency-<model name>]")
+    ] = None,
 ) -> None:
     """Needle-in-a-haystack prefill latency up to 128K tokens, dense vs SALE side by side.
 
@@ -127,7 +130,7 @@ def latency(
     Methods take turns at every length: warm-up, then --repeats timed prefills;
     the table shows medians of prefill and summed attention time, SALE's
     density and quantization/selection overhead where the kernel tells it.
-    Writes RESULTS_DIR/latency/<model>/latency.json.
+    Writes RESULTS_DIR/EXP/latency.json.
     """
     method_list = _split(methods, str, "--methods") or list(METHODS)
     unknown = [m for m in method_list if m not in METHODS]
@@ -180,7 +183,7 @@ def latency(
             dtype=dtype,
             device=device,
             device_map=device_map,
-            **({"random_weights": True} if random_weights else {}),
+            random_weights=random_weights,
         )
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -225,7 +228,7 @@ def latency(
         },
         "records": records,
     }
-    path = results_dir / "latency" / runner.model_name / "latency.json"
+    path = results_dir / (exp or f"latency-{runner.model_name}") / "latency.json"
     atomic_write_json(path, payload)
     console.print(niah.latency_table(records, env))
     console.print(f"Wrote {path}")

@@ -269,7 +269,7 @@ def test_latency_command_end_to_end_on_cpu(tiny_model, tmp_path):
     result = CliRunner().invoke(_app(), args, terminal_width=250)
     assert result.exit_code == 0, result.output
     assert "NIAH prefill latency" in result.output and "reference backend" in result.output
-    payload = json.loads((tmp_path / "latency" / "tiny-llama" / "latency.json").read_text())
+    payload = json.loads((tmp_path / "latency-tiny-llama" / "latency.json").read_text())
     env = payload["environment"]
     assert env["device"] == "cpu" and env["sale_backend"] == "reference" and env["torch"]
     assert {"gpu", "cuda", "dense_backend", "transformers", "dtype"} <= set(env)
