@@ -2,6 +2,11 @@
 
 Everything is computed in fp32 from the inputs, query blocks are processed in chunks so memory stays
 bounded (no L x L matrix), and GQA reads the shared K/V head directly.
+
+All logits that take part in selection are those of the smoothed K (K minus its per-channel mean): the exact
+R statistics m_i, l_i as well as the estimate. Softmax is shift-invariant per row, so the Relative Attention
+Score is the same as with the raw K, and the estimate (of smoothed logits) is compared on the same footing.
+The output and the returned log-sum-exp are those of the raw logits.
 """
 
 from __future__ import annotations
@@ -167,8 +172,8 @@ def _estimate(q_int, q_step, k_int, k_step, qm, scale, G, int_dtype):
     """zhat = scale * (step_q * step_k * (Qint . Kint) + qm) for one chunk: [nh, R, K]."""
     acc = (q_int.unflatten(0, (-1, G)).to(int_dtype) @ k_int[:, None].transpose(-1, -2).to(int_dtype))
     acc = acc.flatten(0, 1).float()  # exact integer sums
-    step = (scale * q_step)[:, :, None] * k_step.repeat_interleave(G, dim=0)[:, None, :]
-    return acc.mul_(step).add_((scale * qm)[:, None, :])
+    step = q_step[:, :, None] * k_step.repeat_interleave(G, dim=0)[:, None, :]
+    return acc.mul_(step).add_(qm[:, None, :]).mul_(scale)
 
 
 def _select_blocks(z, est, causal, r_blocks, visible_blocks, dense_heads, log_tau, block_q, block_k):
