@@ -2,7 +2,8 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 # torch is installed only when missing; point TORCH_SPEC at the build you want (e.g. a CPU or CUDA wheel).
-TORCH_SPEC ?= torch
+# Machines that keep a CPU build of torch 2.13 in /opt/wheels (as CI's does) use it instead of a CUDA download.
+TORCH_SPEC ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),torch==2.13.0,torch)
 MODEL ?= smollm2-135m
 THETA ?= 0.4
 EXP ?= sale_default
