@@ -170,6 +170,8 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
     const float mu_a = (mn_a == -INFINITY) ? 0.f : mn_a;
     const float mu_b = (mn_b == -INFINITY) ? 0.f : mn_b;
     const float corr_a = fast_exp2(m_a - mu_a), corr_b = fast_exp2(m_b - mu_b);
+    // rescale O only when some row max of the warp moved (after the first tiles it rarely does)
+    const bool rescale = __any_sync(0xffffffffu, (mn_a != m_a) | (mn_b != m_b));
     m_a = mn_a;
     m_b = mn_b;
     float ps_a = 0.f, ps_b = 0.f;
@@ -184,12 +186,14 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
     }
     l_a = l_a * corr_a + ps_a;
     l_b = l_b * corr_b + ps_b;
+    if (rescale) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= corr_a;
-      o[n][1] *= corr_a;
-      o[n][2] *= corr_b;
-      o[n][3] *= corr_b;
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= corr_a;
+        o[n][1] *= corr_a;
+        o[n][2] *= corr_b;
+        o[n][3] *= corr_b;
+      }
     }
 
     // O += P V
