@@ -61,7 +61,7 @@ def sale_attention(
     want_object = return_block_map or return_lse or return_density or return_timings
     dense = q.shape[2] <= dense_below
 
-    chosen = _choose_backend(backend, q, estimate)
+    chosen = _choose_backend(backend, q, k, block_q=block_q, block_k=block_k, estimate=estimate)
     kwargs = dict(scale=scale, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens, local_window=local_window,
                   estimate=estimate, quant_group=quant_group, need_block_map=return_block_map, need_lse=return_lse)
     timings = None
@@ -102,7 +102,8 @@ def _sdpa_dense(q, k, v, scale):
     )
 
 
-def _choose_backend(backend: str, q: torch.Tensor, estimate: str) -> str:
+def _choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor, **options) -> str:
+    """The backend for a call: "cuda" when asked or (auto) when it supports the call, else "reference"."""
     if backend == "reference":
         return "reference"
     ok, reason = _cuda_status()
@@ -113,14 +114,14 @@ def _choose_backend(backend: str, q: torch.Tensor, estimate: str) -> str:
             raise ValueError(f"backend='cuda' is not available: {reason}")
         from . import cuda_backend
 
-        supported, why = cuda_backend.supports(q, estimate)
+        supported, why = cuda_backend.supports(q, k, **options)
         if not supported:
             raise ValueError(f"backend='cuda' does not support this call: {why}")
         return "cuda"
     if q.is_cuda and ok:
         from . import cuda_backend
 
-        if cuda_backend.supports(q, estimate)[0]:
+        if cuda_backend.supports(q, k, **options)[0]:
             return "cuda"
     return "reference"
 

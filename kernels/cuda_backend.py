@@ -92,14 +92,18 @@ def available() -> tuple[bool, str]:
     return True, "available"
 
 
-def supports(q: torch.Tensor, estimate: str) -> tuple[bool, str]:
-    """Whether this backend can run a call with these inputs (the remaining options are checked at call time)."""
+def supports(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, estimate: str) -> tuple[bool, str]:
+    """Whether this backend can run a call of these shapes and options (``auto`` falls back to the reference)."""
     if not q.is_cuda:
         return False, "q is not a CUDA tensor"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return False, f"dtype {q.dtype} (the CUDA kernels take float16 or bfloat16)"
     if q.shape[-1] not in (64, 128):
         return False, f"head_dim {q.shape[-1]} (the CUDA kernels take 64 or 128)"
+    if q.shape[1] // k.shape[1] > 16:
+        return False, f"{q.shape[1] // k.shape[1]} query heads per kv head (the CUDA kernels take at most 16)"
+    if (block_q, block_k) != (64, 32):
+        return False, f"block_q={block_q}, block_k={block_k} (the CUDA kernels take 64 and 32)"
     if estimate != "int8":
         return False, f"estimate={estimate!r} (the CUDA kernels implement 'int8'; use backend='reference')"
     return True, "supported"

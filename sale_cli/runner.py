@@ -336,9 +336,11 @@ class Runner:
         """The backend sale_attention picks for this model's prefill calls ("cuda" or "reference")."""
         from sale_cli.kernels.api import _choose_backend
 
-        hq, _, d = self._shape
-        probe = torch.empty(1, hq, 1, d, device=self.device, dtype=self.dtype)
-        return _choose_backend(self.options.backend, probe, self.options.estimate)
+        hq, hkv, d = self._shape
+        q = torch.empty(1, hq, 1, d, device=self.device, dtype=self.dtype)
+        k = torch.empty(1, hkv, 1, d, device=self.device, dtype=self.dtype)
+        opts = self.options
+        return _choose_backend(opts.backend, q, k, block_q=opts.block_q, block_k=opts.block_k, estimate=opts.estimate)
 
     def set_method(self, method: str, thresholds: str | os.PathLike | torch.Tensor | None = None, *,
                    theta: float | None = None, results_dir: str | os.PathLike = "results"):
