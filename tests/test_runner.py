@@ -236,3 +236,14 @@ def test_demo_model_passkey_sale_matches_dense(demo_runner):
         sale = demo_runner.generate(ids, 8)
         assert found_key(dense.text, key), dense.text
         assert found_key(sale.text, key) and sale.density < 1, (sale.text, sale.density)
+
+
+def test_random_weights_from_a_config_only_directory(tmp_path):
+    from sale_cli.eval.niah import write_config_dir
+
+    write_config_dir(tmp_path / "cfg", "tiny")
+    with pytest.raises(RuntimeError, match="could not load model"):
+        load_runner(str(tmp_path / "cfg"), device="cpu")  # no weights there
+    runner = load_runner(str(tmp_path / "cfg"), random_weights=True, dtype="bfloat16", device="cpu")
+    assert runner.dtype == torch.bfloat16 and runner.model_name == "cfg"
+    assert runner.prefill(list(range(5, 200))).density == 1.0
