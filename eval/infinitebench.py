@@ -14,7 +14,7 @@ from sale_cli.eval.common import (
     load_spec,
     prompt_budget,
 )
-from sale_cli.eval.metrics_infinitebench import ground_truth, score_task
+from sale_cli.eval.metrics_infinitebench import ground_truth, official_fields, score_task
 
 _SPEC = load_spec("infinitebench.json")
 MAX_NEW_TOKENS: dict[str, int] = _SPEC["max_new_tokens"]
@@ -93,7 +93,7 @@ def run(runner, exp_dir: Path, tasks: list[str], data_dir: Path, limit: int | No
 
 
 def _score_records(task: str, records: list[dict]) -> float:
-    return score_task(task, [r["prediction"] for r in records], [r["ground_truth"] for r in records])
+    return score_task(task, *official_fields(records))
 
 
 BENCH = Benchmark("infinitebench", ALL_TASKS, "preds_{}.jsonl", KEY, "--tasks", _score_records)

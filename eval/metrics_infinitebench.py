@@ -9,6 +9,7 @@ from typing import Any
 from sale_cli.eval.metrics_longbench import f1_score, normalize_answer, normalize_zh_answer
 
 _RETRIEVAL_SEPARATORS = ["\n", ":", '"', "'", ".", ",", "?", "!", "{", "}"]
+_MISSING_LABEL = "XXXXXXXXXX"  # what the official scorer reads for a record without a label
 
 
 def _first(label: Any) -> Any:
@@ -186,6 +187,27 @@ def ground_truth(sample: dict, task: str) -> Any:
     if isinstance(answer, list) and len(answer) == 2 and answer[1] in ("A", "B", "C", "D"):
         return answer
     raise ValueError(f"answer: unexpected {task} answer {answer!r} (id {sample.get('id')})")
+
+
+def official_fields(records: Sequence[dict]) -> tuple[list[str], list[Any]]:
+    """Predictions and labels of a predictions file, read the way the official `compute_scores.py` reads them.
+
+    The label key is 'ground_truth', or 'label' when the first record has no 'ground_truth' (the official
+    `eval_yarn_mistral.py` writes 'pred' and 'label'); a record without that key gets the official placeholder
+    label. Each record's prediction is its 'prediction', else its 'pred'.
+    """
+    if not records:
+        return [], []
+    label_key = next((k for k in ("ground_truth", "label") if k in records[0]), None)
+    if label_key is None:
+        raise ValueError(f"records: no 'ground_truth' or 'label' field in {str(records[0])[:200]}")
+    predictions = []
+    for rec in records:
+        pred_key = next((k for k in ("prediction", "pred") if k in rec), None)
+        if pred_key is None:
+            raise ValueError(f"records: no 'prediction' or 'pred' field in {str(rec)[:200]}")
+        predictions.append(rec[pred_key])
+    return predictions, [rec.get(label_key, _MISSING_LABEL) for rec in records]
 
 
 def score_task(task: str, predictions: Sequence[str], labels: Sequence[Any]) -> float:

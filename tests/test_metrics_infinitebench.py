@@ -1,5 +1,7 @@
 """InfiniteBench scorers against hand-computed values of the official compute_scores.py behaviour."""
 
+import json
+
 import pytest
 
 from sale_cli.eval import metrics_infinitebench as M
@@ -103,3 +105,29 @@ def test_score_task_mean_times_100():
     assert M.score_task("passkey", ["1", "2", "3"], [["1"], ["1"], ["3"]]) == 66.67
     with pytest.raises(ValueError, match="task"):
         M.score_task("nope", ["x"], ["x"])
+
+
+def test_official_fields_read_both_key_spellings():
+    # official get_labels/get_preds: the label key comes from the first record ('ground_truth', else 'label'),
+    # the prediction from each record ('prediction', else 'pred'); eval_yarn_mistral.py writes 'pred'/'label'
+    yarn = [{"id": 0, "pred": " 71432.", "label": ["71432"]}, {"id": 1, "prediction": "5", "pred": "71432", "label": ["5"]}]
+    assert M.official_fields(yarn) == ([" 71432.", "5"], [["71432"], ["5"]])
+    # the first record fixes the key; a record without it gets the official placeholder label
+    mixed = [{"id": 0, "prediction": "1", "ground_truth": ["1"]}, {"id": 1, "prediction": "2", "label": ["2"]}]
+    assert M.official_fields(mixed) == (["1", "2"], [["1"], "XXXXXXXXXX"])
+    assert M.score_task("passkey", *M.official_fields(mixed)) == 50.0
+    with pytest.raises(ValueError, match="label"):
+        M.official_fields([{"id": 0, "pred": "1"}])
+    with pytest.raises(ValueError, match="pred"):
+        M.official_fields([{"id": 0, "label": "1"}])
+
+
+def test_bench_scores_a_pred_label_file(tmp_path):
+    from sale_cli.eval import infinitebench as ib
+
+    folder = tmp_path / "infinitebench"
+    folder.mkdir()
+    lines = [{"id": 0, "pred": " 71432.", "label": ["71432"]}, {"id": 1, "pred": "12", "label": ["71432"]},
+             {"id": 2, "pred": "The pass key is 71432", "label": ["71432"]}]
+    (folder / "preds_passkey.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert ib.BENCH.score(tmp_path, write=False) == {"passkey": 66.67, "average": 66.67}

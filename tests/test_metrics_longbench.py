@@ -75,6 +75,13 @@ def test_code_sim_first_plain_line():
     assert M.fuzz_ratio("", "") == 100
 
 
+def test_code_sim_is_difflib_even_where_python_levenshtein_is_installed():
+    # LongBench's requirements install fuzzywuzzy without python-Levenshtein, so fuzz.ratio runs on difflib.
+    # "return x + 1" vs "d = e": one matching block ("e"), 2*1/17 = 0.118 -> 12 (Levenshtein.ratio would give 24)
+    assert M.fuzz_ratio("return x + 1", "d = e") == 12
+    assert M.code_sim_score("return x + 1", "d = e") == 0.12
+
+
 def test_classification_basic_and_ties():
     assert M.classification_score("Animal", "Animal", all_classes=TREC_CLASSES) == 1.0
     assert M.classification_score("Animal or City", "City", all_classes=TREC_CLASSES) == 0.5
