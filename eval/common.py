@@ -103,16 +103,19 @@ class PredictionFile:
         return sorted(self.path.parent.glob(f"{self.path.stem}.rank*{self.path.suffix}"))
 
     def records(self) -> list[dict]:
+        """All records; keyed ones once each, records without the key (official files lack it) all kept."""
         seen: dict[Any, dict] = {}
+        keyless: list[dict] = []
         for file in [self.path, *self.shards()]:
             for rec in _complete_lines(file):
-                if self.key not in rec:
-                    raise ValueError(f"{file}: record without '{self.key}': {str(rec)[:200]}")
-                seen.setdefault(rec[self.key], rec)
-        return list(seen.values())
+                if self.key in rec:
+                    seen.setdefault(rec[self.key], rec)
+                else:
+                    keyless.append(rec)
+        return list(seen.values()) + keyless
 
     def done(self) -> set:
-        return {rec[self.key] for rec in self.records()}
+        return {rec[self.key] for rec in self.records() if self.key in rec}
 
     def writer(self, rank: int, world: int) -> Callable[[dict], None]:
         """A function appending one record durably to this rank's file (a torn last line is cut first)."""

@@ -79,8 +79,8 @@ def run(runner, exp_dir: Path, tasks: list[str], data_dir: Path, limit: int | No
     """Generate the missing predictions of each task (this rank's share)."""
     if template_set not in TEMPLATES:
         raise ValueError(f"--template: unknown {template_set!r}; choose from {', '.join(TEMPLATES)}")
-    for task in tasks:
-        samples = load_samples(task, data_dir, limit)
+    data = {task: load_samples(task, data_dir, limit) for task in tasks}  # every file present before any run
+    for task, samples in data.items():
         budget = prompt_budget(runner, max_length, MAX_NEW_TOKENS[task], template_set in CHAT_TEMPLATE_SETS,
                                "--max-length")
 

@@ -71,8 +71,8 @@ def _record(sample: dict, res) -> dict:
 def run(runner, exp_dir: Path, datasets: list[str], data_dir: Path, limit: int | None,
         max_length: int | None) -> None:
     """Generate the missing predictions of each dataset (this rank's share)."""
-    for dataset in datasets:
-        samples = load_samples(dataset, data_dir, limit)
+    data = {name: load_samples(name, data_dir, limit) for name in datasets}  # every file present before any run
+    for dataset, samples in data.items():
         budget = prompt_budget(runner, max_length, MAX_NEW_TOKENS[dataset], dataset not in NO_CHAT_TEMPLATE,
                                "--max-length")
         generate_all(runner, samples, KEY, BENCH.predictions(exp_dir, dataset),

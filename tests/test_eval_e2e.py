@@ -222,3 +222,14 @@ def test_missing_data_explains_where_to_put_it(tmp_path, monkeypatch):
         lb.load_samples("narrativeqa", tmp_path)
     with pytest.raises(FileNotFoundError, match="passkey.jsonl"):
         ib.load_samples("passkey", tmp_path)
+
+
+def test_official_prediction_files_without_ids_are_scored(tmp_path):
+    """Files written by LongBench's own pred.py carry no `_id`: --eval-only scores every line of them."""
+    folder = tmp_path / "exp" / "longbench"
+    folder.mkdir(parents=True)
+    rows = [{"pred": "Paris", "answers": ["Paris"], "all_classes": None, "length": 10},
+            {"pred": "Paris", "answers": ["Paris"], "all_classes": None, "length": 12},
+            {"pred": "Lyon", "answers": ["Paris"], "all_classes": None, "length": 11}]
+    (folder / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert lb.BENCH.score(tmp_path / "exp", ["hotpotqa"]) == {"hotpotqa": 66.67, "average": 66.67}
