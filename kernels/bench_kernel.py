@@ -94,11 +94,6 @@ def _make(L, Hq, Hkv, d, dtype, data, seed):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def _set_impl(impl):
-    os.environ["SALE_CUDA_V1"] = "1" if impl == "v1" else "0"
-    os.environ["SALE_COMPUTE_V2"] = "1" if impl == "c2" else "0"
-
-
 def _time(fn, reps, warmup=2):
     for _ in range(warmup):
         fn()
@@ -140,9 +135,6 @@ def main(argv=None):
     ap.add_argument("--taus", type=float, nargs="+", default=[0.001, 0.004])
     ap.add_argument("--data", nargs="+", default=["random", "structured"],
                     choices=["random", "structured", "uniform_peaked"])
-    ap.add_argument("--impls", nargs="+", default=["default"], choices=["default", "v1", "c2"],
-                    help="kernel versions to time: default (select v2 + compute v1), v1 (SALE_CUDA_V1=1: the first "
-                         "kernels), c2 (default + SALE_COMPUTE_V2=1: the 128-row compute kernel)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -167,8 +159,7 @@ def main(argv=None):
             dense_ms = _time(dfn, args.reps)
             torch.cuda.empty_cache()
             vis_pairs = cuda_backend._visible_pairs(L, 64, 32)
-            for impl, tau_v in [(i, t) for t in args.taus for i in args.impls]:
-                _set_impl(impl)
+            for tau_v in args.taus:
                 tau = torch.full((Hq,), tau_v, device="cuda")
                 kw = dict(scale=None, block_q=64, block_k=32, sink_tokens=None, local_window=128, estimate="int8",
                           quant_group="per_token", need_block_map=False, need_lse=False)
@@ -190,42 +181,22 @@ def main(argv=None):
                 computed_pairs = density * vis_pairs * Hq
                 flops = 4.0 * d * 64 * 32 * computed_pairs
                 tflops = flops / (med["compute"] * 1e-3) / 1e12
-                row = dict(L=L, data=data, impl=impl, tau=tau_v, density=density, dense_ms=dense_ms, dense_backend=dname,
+                row = dict(L=L, data=data, tau=tau_v, density=density, dense_ms=dense_ms, dense_backend=dname,
                            quant_ms=med["quant"], select_ms=med["select"], compute_ms=med["compute"],
                            total_ms=med["total"], speedup=dense_ms / med["total"], compute_tflops=tflops,
                            overhead_pct=100.0 * (med["quant"] + med["select"]) / dense_ms)
                 rows.append(row)
-                print(f"L={L:>6} {data:<14} {impl} tau={tau_v:<6} dens={density:.3f} dense={dense_ms:8.2f}ms ({dname}) "
+                print(f"L={L:>6} {data:<14} tau={tau_v:<6} dens={density:.3f} dense={dense_ms:8.2f}ms ({dname}) "
                       f"quant={med['quant']:7.2f} select={med['select']:8.2f} compute={med['compute']:8.2f} "
                       f"total={med['total']:8.2f} speedup={dense_ms / med['total']:5.2f}x "
                       f"compute={tflops:6.1f} TFLOP/s", flush=True)
-            if "v1" in args.impls and len(args.impls) > 1:  # same block maps and outputs from both kernel versions
-                for tau_v in args.taus:
-                    tau = torch.full((Hq,), tau_v, device="cuda")
-                    kw = dict(scale=None, block_q=64, block_k=32, sink_tokens=None, local_window=128,
-                              estimate="int8", quant_group="per_token", need_block_map=True, need_lse=False)
-                    res = {}
-                    for impl in args.impls:
-                        _set_impl(impl)
-                        o, _, bm, _, _ = cuda_backend.sale_attention_cuda(q, k, v, tau, **kw)
-                        res[impl] = (o, bm)
-                    for impl in args.impls:
-                        if impl == "v1":
-                            continue
-                        nd = (res["v1"][1] != res[impl][1]).sum().item()
-                        err = ((res["v1"][0].float() - res[impl][0].float()).norm()
-                               / res["v1"][0].float().norm()).item()
-                        print(f"  crosscheck L={L} {data} tau={tau_v}: block-map differences v1/{impl} = {nd}, "
-                              f"output rel diff = {err:.2e}", flush=True)
-                    del res
-                    torch.cuda.empty_cache()
             del q, k, v
             torch.cuda.empty_cache()
 
-    print("\n| L | data | impl | tau | density | dense ms | quant | select | compute | total | speedup | compute TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| L | data | tau | density | dense ms | quant | select | compute | total | speedup | compute TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['L']} | {r['data']} | {r['impl']} | {r['tau']} | {r['density']:.3f} | {r['dense_ms']:.2f} | {r['quant_ms']:.2f} "
+        print(f"| {r['L']} | {r['data']} | {r['tau']} | {r['density']:.3f} | {r['dense_ms']:.2f} | {r['quant_ms']:.2f} "
               f"| {r['select_ms']:.2f} | {r['compute_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x "
               f"| {r['compute_tflops']:.1f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -7,15 +7,14 @@ Three passes, each a kernel launch on the current stream (sources in ``kernels/c
             c_i = scale * q_i . k_mean (the logit shift of smoothing K).
 2. select:  exact fp32 m_i, l_i over the sink+local set R, then the int8 estimate (mma.sync s8) of every other
             causally visible 32-key block; a bitmap of the blocks to compute per (b, hq, 64-row query block).
-            Default kernel v2 (sale_select2.cu): one CTA per (b, query block, up to 4 query heads of a kv group),
-            each int8 K tile serves all its heads, cheap prefilter before the exact reference-order test.
+            One CTA per (b, query block, up to 4 query heads of a kv group): each int8 K tile serves all its
+            heads, cheap prefilter before the exact reference-order test.
 3. compute: FlashAttention-2 style block-sparse causal attention over the bitmap (fp16/bf16 mma, fp32
             accumulation); the softmax is invariant to the smoothing shift, so the original K is used and the
-            lse is that of the original logits (as in the reference). Default kernel v1 (sale_compute.cu); the
-            128-row kernel (sale_compute2.cu, SALE_COMPUTE_V2=1) measured slower on H100.
+            lse is that of the original logits (as in the reference); the O accumulator is rescaled only when
+            some row max of the warp moved.
 
-Environment switches (read at every call): SALE_CUDA_V1=1 (first kernels of both passes), SALE_SELECT_V1=1,
-SALE_COMPUTE_V2=1. All versions give identical block maps (docs/PERF_KERNEL_NOTES.md).
+One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu); docs/PERF_KERNEL_NOTES.md has the history.
 
 Supported: fp16/bf16, Lq == Lk, head_dim 64 or 128, block_q=64, block_k=32, estimate="int8", GQA with up to 16
 query heads per kv head. Anything else raises ValueError.
@@ -30,8 +29,7 @@ import threading
 import torch
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_select2.cu", "sale_compute.cu", "sale_compute2.cu")
-_HEADERS = ("sale_common.cuh", "sale_launch.cuh")
+_SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_compute.cu")
 _lock = threading.Lock()
 _module = None
 _load_error: str | None = None

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# One device call: build the SALE CUDA extension, run its tests, run the kernel benchmark (v2 kernels vs the v1
-# kernels on the same data, dense cuDNN SDPA as the baseline).
+# One device call: build the SALE CUDA extension, run its tests, run the kernel benchmark (dense cuDNN SDPA on
+# the same data as the baseline).
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash scripts/device_cuda_kernel.sh
-# If a test fails, the tests are rerun with one pass at a time on v1 (SALE_SELECT_V1 / SALE_COMPUTE_V1) to tell
-# which v2 pass is wrong.
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,13 +13,10 @@ nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 t0=$(date +%s)
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('available:', c.available())" 2>&1 | tee "$OUT/build.log" | tail -5
 echo "build: $(( $(date +%s) - t0 )) s"
-if ! timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda_kernel.py 2>&1 | tee "$OUT/test.log" | tail -40; then
-  echo "== v2 tests FAILED; split by pass"
-  SALE_SELECT_V1=1 timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernel.py 2>&1 | tail -5 | sed 's/^/[select v1 + default compute] /'
-  SALE_CUDA_V1=1 timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernel.py 2>&1 | tail -5 | sed 's/^/[all v1] /'
-fi
+timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda_kernel.py 2>&1 | tee "$OUT/test.log" | tail -40 \
+  || echo "== tests FAILED (full log: $OUT/test.log)"
 echo "tests done: $(( $(date +%s) - t0 )) s"
-B="python3 -m sale_cli.kernels.bench_kernel --taus 0.004 --reps ${REPS:-3} --impls default v1 c2"
+B="python3 -m sale_cli.kernels.bench_kernel --taus 0.004 --reps ${REPS:-3}"
 timeout 130 $B --lengths 8192 32768 --data random structured uniform_peaked --out "$OUT/bench_a.json" 2>&1 | tee "$OUT/bench_a.log" | grep -v "^|"
 echo "bench a: $(( $(date +%s) - t0 )) s"
 timeout 110 $B --lengths 131072 --data structured random --out "$OUT/bench_b.json" 2>&1 | tee "$OUT/bench_b.log" | grep -v "^|"

@@ -6,8 +6,7 @@
 
 #include "sale_launch.cuh"
 
-#include <cstdlib>
-#include <string>
+#include <algorithm>
 
 namespace {
 
@@ -110,19 +109,6 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
 }
 
 // Stage 2. Returns {bits [B,Hq,nQ,nW] int32, pairs [B,Hq] int32}.
-// Kernel versions (read at every call). Defaults: select v2 (sale_select2.cu), compute v1 (sale_compute.cu; the
-// 128-row v2 in sale_compute2.cu measured slower on H100). SALE_CUDA_V1=1 forces the first kernels of both
-// passes; SALE_SELECT_V1=1 the first selection kernel; SALE_COMPUTE_V2=1 the 128-row compute kernel.
-static bool env_on(const char* var) {
-  const char* a = std::getenv(var);
-  return a != nullptr && a[0] == '1';
-}
-static bool use_v1(const char* pass_var) {
-  if (env_on("SALE_CUDA_V1")) return true;
-  if (std::string(pass_var) == "SALE_COMPUTE_V1") return !env_on("SALE_COMPUTE_V2");
-  return env_on(pass_var);
-}
-
 std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint, at::Tensor sq, at::Tensor kint,
                                     at::Tensor sk, at::Tensor qm, at::Tensor qkm, at::Tensor tau, double scale,
                                     int64_t sink_tokens, int64_t local_window) {
@@ -165,8 +151,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.local_window = (int)std::min<int64_t>(local_window, L);
   p.scale = (float)scale;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  SALE_CHECK_CUDA(use_v1("SALE_SELECT_V1") ? sale::launch_select(p, (int)D, bf16, stream)
-                                           : sale::launch_select_v2(p, (int)D, bf16, stream));
+  SALE_CHECK_CUDA(sale::launch_select(p, (int)D, bf16, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {bits, pairs};
 }
@@ -208,8 +193,7 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
   p.nW = (int)nW;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  SALE_CHECK_CUDA(use_v1("SALE_COMPUTE_V1") ? sale::launch_compute(p, (int)D, bf16, stream)
-                                            : sale::launch_compute_v2(p, (int)D, bf16, stream));
+  SALE_CHECK_CUDA(sale::launch_compute(p, (int)D, bf16, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {o, lse};
 }

@@ -18,8 +18,6 @@ struct TypeTraits;
 template <>
 struct TypeTraits<__half> {
   static constexpr bool kBF16 = false;
-  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
-  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ __forceinline__ static uint32_t pack2(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -33,8 +31,6 @@ struct TypeTraits<__half> {
 template <>
 struct TypeTraits<__nv_bfloat16> {
   static constexpr bool kBF16 = true;
-  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ __forceinline__ static uint32_t pack2(float a, float b) {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);

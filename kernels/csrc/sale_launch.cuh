@@ -50,9 +50,8 @@ struct SelectParams {
   int sink_tokens, local_window;
   float scale;
 };
+// one CTA per (b, query block, up to 4 query heads of a kv group), shared int8 K tiles, prefilter
 cudaError_t launch_select(const SelectParams& p, int D, bool bf16, cudaStream_t stream);
-// v2: one CTA per (b, query block, up to 4 query heads of a kv group), shared int8 K tiles, prefilter
-cudaError_t launch_select_v2(const SelectParams& p, int D, bool bf16, cudaStream_t stream);
 
 // ---- stage 3: block-sparse attention -----------------------------------------------------------
 struct ComputeParams {
@@ -67,7 +66,5 @@ struct ComputeParams {
   float scale_log2;     // scale * log2(e)
 };
 cudaError_t launch_compute(const ComputeParams& p, int D, bool bf16, cudaStream_t stream);
-// v2: 128 rows (two adjacent query blocks, 8 warps) per CTA over the union of their bitmaps, 64-key tiles
-cudaError_t launch_compute_v2(const ComputeParams& p, int D, bool bf16, cudaStream_t stream);
 
 }  // namespace sale

@@ -1,14 +1,23 @@
-// SALE stage 2, v2: block selection with one CTA per (b, query block, chunk of HC query heads of one kv group).
-//   Same semantics and arithmetic as sale_select.cu (v1); the differences are in the data flow:
-//   * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC <= 4 heads
-//     of the CTA; each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
-//     mma.sync m16n8k32 of every head from registers (Qint fragments of all HC heads stay in registers);
-//   * cheap prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin (4 instructions per element);
-//     only a warp where some element passes the prefilter evaluates the exact reference-order expression
-//     scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding differences, so the
-//     selection is exactly v1's);
-//   * a head skips a block already selected by another warp (early exit of the OR over the block).
-//   Stage A (exact fp32 m_i, l_i over R) runs per head as in v1; its thresholds go to shared memory.
+// SALE stage 2: block selection. One CTA per (b, 64-row query block, chunk of HC <= 4 query heads of one kv
+// group; HC = the largest of 4/3/2/1 dividing G), 4 warps x 16 rows.
+//   A. per head, exact fp32 statistics over the always-computed set R (sink + local blocks), on the smoothed
+//      logits z_ij = scale * q_i . (k_j - kmean) = scale * q_i . k_j - c_i  (c_i = scale * q_i . kmean, from
+//      stage 1; the original K is exact in the input dtype, a rounded smoothed copy would not be):
+//      m_i = max_j z_ij, l_i = sum_j exp(z_ij - m_i), visible keys only;
+//      per-row threshold thr_i = m_i + ln(tau) + ln(l_i) (+inf for rows past L), kept in shared memory.
+//   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the int8 estimate
+//      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j) with mma.sync m16n8k32 s8 (exact int32);
+//      the block is selected iff some row i and key j have zhat_ij > thr_i. Data flow:
+//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC heads
+//        of the CTA; each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
+//        mma.sync of every head from registers (Qint fragments of all HC heads stay in registers);
+//      * cheap prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin (4 instructions per
+//        element); only a warp where some element passes the prefilter evaluates the exact reference-order
+//        expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding differences,
+//        so the prefilter never changes the selection);
+//      * a head skips a block already selected by another warp (early exit of the OR over the block).
+//   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
+//   tau == 0: every visible block.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
 
@@ -22,7 +31,7 @@ constexpr int kMaxHC = 4;      // query heads per CTA
 }  // namespace
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sale_select2_kernel(SelectParams p, int HC) {
+__global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, int HC) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr int RB = D * 2;           // bytes per row (16-bit tiles)
   constexpr int IRB = D + 16;         // bytes per row (int8 tiles, padded: conflict-free ldmatrix)
@@ -328,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) sale_select2_kernel(SelectParams p, 
 }
 
 template <typename T, int D>
-static cudaError_t select2_dispatch(const SelectParams& p, cudaStream_t s) {
+static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
   constexpr int RB = D * 2;
   constexpr int REGION_A = kBlockQ * RB + kBlockK * RB;
   constexpr int REGION_B = kStagesB * (kTileKeys * (D + 16) + (1 + kMaxHC) * kTileKeys * 4);
@@ -337,17 +346,17 @@ static cudaError_t select2_dispatch(const SelectParams& p, cudaStream_t s) {
   const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
   const int smem = REGION + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
   cudaError_t e =
-      cudaFuncSetAttribute(sale_select2_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      cudaFuncSetAttribute(sale_select_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq / HC, p.B);
-  sale_select2_kernel<T, D><<<grid, kThreads, smem, s>>>(p, HC);
+  sale_select_kernel<T, D><<<grid, kThreads, smem, s>>>(p, HC);
   return cudaGetLastError();
 }
 
-cudaError_t launch_select_v2(const SelectParams& p, int D, bool bf16, cudaStream_t stream) {
-  if (D == 64) return bf16 ? select2_dispatch<__nv_bfloat16, 64>(p, stream) : select2_dispatch<__half, 64>(p, stream);
+cudaError_t launch_select(const SelectParams& p, int D, bool bf16, cudaStream_t stream) {
+  if (D == 64) return bf16 ? select_dispatch<__nv_bfloat16, 64>(p, stream) : select_dispatch<__half, 64>(p, stream);
   if (D == 128)
-    return bf16 ? select2_dispatch<__nv_bfloat16, 128>(p, stream) : select2_dispatch<__half, 128>(p, stream);
+    return bf16 ? select_dispatch<__nv_bfloat16, 128>(p, stream) : select_dispatch<__half, 128>(p, stream);
   return cudaErrorInvalidValue;
 }
 
