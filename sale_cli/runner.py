@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +88,15 @@ def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) 
     for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         for repeat_kv in (False, True):
             try:
-                for _ in range(2):
-                    _sdpa(q, k, v, None, backend, repeat_kv)
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                for _ in range(5):
-                    _sdpa(q, k, v, None, backend, repeat_kv)
-                torch.cuda.synchronize(device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # torch explains each backend it cannot use
+                    for _ in range(2):
+                        _sdpa(q, k, v, None, backend, repeat_kv)
+                    torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                    for _ in range(5):
+                        _sdpa(q, k, v, None, backend, repeat_kv)
+                    torch.cuda.synchronize(device)
                 ms = (time.perf_counter() - start) * 200
             except RuntimeError:
                 continue
