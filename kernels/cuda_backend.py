@@ -5,8 +5,9 @@ Three passes, each a kernel launch on the current stream (sources in ``kernels/c
 1. quant:   per-channel means of K (per kv head) and Q (per query head), symmetric int8 quantization of the
             smoothed Q and K (per_token or per_block steps, round half to even), qm_j = q_mean . k_smooth_j and
             c_i = scale * q_i . k_mean (the logit shift of smoothing K).
-2. select:  exact fp32 m_i, l_i over the sink+local set R, then the int8 estimate (mma.sync s8) of every other
-            causally visible 32-key block; a bitmap of the blocks to compute per (b, hq, 64-row query block).
+2. select:  exact fp32 m_i, l_i over the sink+local set R, then the int8 estimate (wgmma s8 on sm_90a, mma.sync
+            s8 elsewhere) of every other causally visible 32-key block; a bitmap of the blocks to compute per
+            (b, hq, 64-row query block).
             One CTA per (b, query block, up to 4 query heads of a kv group): each int8 K tile serves all its
             heads, cheap prefilter before the exact reference-order test.
 3. compute: FlashAttention-2 style block-sparse causal attention over the bitmap (fp16/bf16 mma, fp32

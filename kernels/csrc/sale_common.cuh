@@ -104,6 +104,46 @@ __device__ __forceinline__ void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hopper warpgroup MMA (sm_90a only): int8 m64n32k32, A = 64 rows x 32 bytes and B = 32 keys x 32 bytes from
+// shared memory, both K-major, no swizzle (core matrices of 8 rows x 16 contiguous bytes; LBO = stride between
+// K-adjacent core matrices, SBO = stride between 8-row groups). The accumulator layout per warp (rows
+// 16 * warp + 0..15) equals mma.m16n8k32's C layout for n8 chunks 0..3.
+// ---------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SALE_WGMMA 1
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// keep the compiler from moving accumulator accesses across wgmma issue / wait
+__device__ __forceinline__ void reg_fence(int (&d)[4][4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+    asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
+}
+// d = (accumulate ? d : 0) + A(64 rows x 32 s8, smem descriptor) * B(32 keys x 32 s8, smem descriptor)
+__device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t desc_a, uint64_t desc_b,
+                                                      int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p;\n}\n"
+      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]),
+        "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]),
+        "+r"(d[3][2]), "+r"(d[3][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+#endif
+
 // fast 2^x (ex2.approx.ftz): 2^-inf = +0
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

@@ -8,14 +8,21 @@
 //   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the int8 estimate
 //      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j) with mma.sync m16n8k32 s8 (exact int32);
 //      the block is selected iff some row i and key j have zhat_ij > thr_i. Data flow:
-//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC heads
-//        of the CTA; each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
+//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline, stored as 8x16-byte core matrices)
+//        in shared memory serves the HC heads of the CTA;
+//      * sm_90a: the 4 warps are one warpgroup; per 32-key block and head, 4 int8 wgmma m64n32k32 (A = the
+//        head's Qint tile, also in shared memory, B = the K block), one commit group per head so the tests of
+//        head h overlap the MMAs of the later heads; 163 registers, 3 CTAs/SM;
+//      * other archs: each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
 //        mma.sync of every head from registers (Qint fragments of all HC heads stay in registers);
+//      * row bound first: per thread and row, fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) over
+//        its 8 keys bounds the prefilter value of all of them (2 tests instead of 8);
 //      * cheap prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin (4 instructions per
 //        element); only a warp where some element passes the prefilter evaluates the exact reference-order
 //        expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding differences,
 //        so the prefilter never changes the selection);
-//      * a head skips a block already selected by another warp (early exit of the OR over the block).
+//      * a head skips a block already selected by another warp (early exit of the OR over the block; sm_90a:
+//        the tests only, the MMAs of a block are warpgroup-wide).
 //   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
 //   tau == 0: every visible block.
 #include "sale_common.cuh"
@@ -30,22 +37,31 @@ constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
 constexpr int kMaxHC = 4;      // query heads per CTA
 }  // namespace
 
+// sm_90a: the int8 Q tiles of stage B live in shared memory (wgmma reads A and B from there), which frees the
+// 64 registers of the A fragments: 3 CTAs per SM instead of 2
+#ifdef SALE_WGMMA
+#define SALE_SELECT_MIN_CTAS 3
+#else
+#define SALE_SELECT_MIN_CTAS 1
+#endif
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, int HC) {
+__global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_kernel(SelectParams p, int HC) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr int RB = D * 2;           // bytes per row (16-bit tiles)
-  constexpr int IRB = D + 16;         // bytes per row (int8 tiles, padded: conflict-free ldmatrix)
+  constexpr int SBO = D * 8;          // int8 tiles: bytes per 8-key group (core matrices 8 keys x 16 bytes)
   constexpr int Q_BYTES = kBlockQ * RB;
   constexpr int K_BYTES = kBlockK * RB;
-  constexpr int IT_BYTES = kTileKeys * IRB;       // int8 K tile
+  constexpr int IT_BYTES = kTileKeys * D;         // int8 K tile (core-matrix layout, see load_b)
   constexpr int F_BYTES = kTileKeys * 4;          // sk / qm tile
   constexpr int STAGE_B = IT_BYTES + (1 + kMaxHC) * F_BYTES;
   constexpr int REGION_A = Q_BYTES + K_BYTES;
   constexpr int REGION_B = kStagesB * STAGE_B;
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* thr_s = reinterpret_cast<float*>(smem + REGION);                           // [kMaxHC][64]
-  uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + kMaxHC * kBlockQ * 4);  // [HC][nW]
+  constexpr int QI_BYTES = kMaxHC * kBlockQ * D;  // int8 Q tiles of stage B (sm_90a), core-matrix layout
+  float* thr_s = reinterpret_cast<float*>(smem + REGION + QI_BYTES);                           // [kMaxHC][64]
+  uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + QI_BYTES + kMaxHC * kBlockQ * 4);  // [HC][nW]
 
   const int qb = p.nQ - 1 - blockIdx.x;
   const int hq0 = blockIdx.y * HC, b = blockIdx.z;
@@ -173,7 +189,9 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
     __syncthreads();  // region A is reused by stage B; thr_s complete
 
     // ---------------- B: int8 estimate over candidate blocks, all heads of the CTA ----------------
+#ifndef SALE_WGMMA
     uint32_t qa[kMaxHC][D / 32][4];
+#endif
     float thr[kMaxHC][2], pre[kMaxHC][2], sqr[kMaxHC][2];
     unsigned active = 0u;  // heads with tau > 0
     const float inv_scale = 1.f / p.scale;
@@ -182,6 +200,17 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
       const int hq = hq0 + (h < HC ? h : 0);
       const bool act = h < HC && p.tau[hq] > 0.f;
       active |= act ? (1u << h) : 0u;
+#ifdef SALE_WGMMA
+      if (act) {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
+        const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
+        const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * D;
+        constexpr int ICPR = D / 16;
+        for (int i = tid; i < kBlockQ * ICPR; i += kThreads) {
+          const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
+          cp_async16(base + i * 16, qig + (size_t)r * D + c * 16, true);
+        }
+      }
+#else
       const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + warp * 16) * D;
 #pragma unroll
       for (int kk = 0; kk < D / 32; ++kk) {
@@ -190,6 +219,7 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
         qa[h][kk][2] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * D + kk * 32 + 16 + t * 4) : 0u;
         qa[h][kk][3] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * D + kk * 32 + 16 + t * 4) : 0u;
       }
+#endif
       const float* sqg = p.sq + (size_t)(b * p.Hq + hq) * p.Lpad;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
@@ -204,16 +234,21 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
     const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.Lpad;
     const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.Lpad;
     const uint32_t sB = smem_u32(smem);
+#ifdef SALE_WGMMA
+    const uint32_t sQi = sB + REGION;
+#endif
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
 
     auto load_b = [&](int tile, int slot) {
       const int key0 = (bstart + 2 * tile) * kBlockK;
       const uint32_t base = sB + slot * STAGE_B;
+      // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
+      // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free for ldmatrix and for the stores)
       constexpr int ICPR = D / 16;
       for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-        const int r = i / ICPR, c = i % ICPR;
-        cp_async16(base + r * IRB + c * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
+        const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
+        cp_async16(base + i * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
       }
       if (tid < 16) {
         cp_async16(base + IT_BYTES + tid * 16, skg + key0 + tid * 4, true);
@@ -230,6 +265,9 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
     }
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
+#ifdef SALE_WGMMA
+      fence_proxy_async_smem();  // the tile was written through the generic proxy, wgmma reads it async
+#endif
       __syncthreads();
       if (it + kStagesB - 1 < ntile) load_b(it + kStagesB - 1, (it + kStagesB - 1) % kStagesB);
       cp_async_commit();
@@ -241,6 +279,25 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
       for (int half = 0; half < 2; ++half) {
         const int kb = kb0 + half;
         if (kb >= bend) break;  // uniform
+        int acc[kMaxHC][4][4];
+#ifdef SALE_WGMMA
+        // one warpgroup-wide int8 wgmma chain (4 k-steps) per active head, one commit group per head, so the
+        // tests of head h overlap the tensor-core work of heads h+1.. (need = active: CTA-uniform)
+        const unsigned need = active;
+#pragma unroll
+        for (int h = 0; h < kMaxHC; ++h) reg_fence(acc[h]);
+        wgmma_fence();
+#pragma unroll
+        for (int h = 0; h < kMaxHC; ++h) {
+          if ((need >> h) & 1u) {  // uniform
+#pragma unroll
+            for (int kk = 0; kk < D / 32; ++kk)
+              wgmma_s8_m64n32k32_ss(acc[h], wgmma_desc(sQi + h * kBlockQ * D + kk * 256, 128, SBO),
+                                    wgmma_desc(cKi + half * 4 * SBO + kk * 256, 128, SBO), kk > 0);
+          }
+          wgmma_commit();
+        }
+#else
         // heads that still need this block (a benign race on bits set by other warps: bits are only added)
         unsigned need = 0u;
         if (lane == 0) {
@@ -256,7 +313,6 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
         need = __shfl_sync(0xffffffffu, need, 0);
         if (need == 0u) continue;
         // int8 mma of every active head, interleaved (16 independent accumulator chains per warp)
-        int acc[kMaxHC][4][4];
 #pragma unroll
         for (int h = 0; h < kMaxHC; ++h)
 #pragma unroll
@@ -268,8 +324,9 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
           for (int np = 0; np < 2; ++np) {
             const int mi = lane / 8, r = lane % 8;
             const int key = half * 32 + np * 16 + (mi / 2) * 8 + r;
-            const int byte = kk * 32 + (mi % 2) * 16;
-            ldmatrix_x4(cKi + key * IRB + byte, kf[np][0], kf[np][1], kf[np][2], kf[np][3]);
+            const int ch = kk * 2 + (mi % 2);
+            ldmatrix_x4(cKi + (key >> 3) * SBO + ch * 128 + (key & 7) * 16, kf[np][0], kf[np][1], kf[np][2],
+                        kf[np][3]);
           }
 #pragma unroll
           for (int h = 0; h < kMaxHC; ++h) {
@@ -281,19 +338,51 @@ __global__ void __launch_bounds__(kThreads) sale_select_kernel(SelectParams p, i
             }
           }
         }
+#endif
         float2 skv[4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
+        // this thread's largest sk over its 8 keys (sk >= 0), for the row bound below
+        const float skm = fmaxf(fmaxf(fmaxf(skv[0].x, skv[0].y), fmaxf(skv[1].x, skv[1].y)),
+                                fmaxf(fmaxf(skv[2].x, skv[2].y), fmaxf(skv[3].x, skv[3].y)));
 #pragma unroll
         for (int h = 0; h < kMaxHC; ++h) {
+#ifdef SALE_WGMMA
+          if (h == 0) wgmma_wait<kMaxHC - 1>();
+          else if (h == 1) wgmma_wait<kMaxHC - 2>();
+          else if (h == 2) wgmma_wait<kMaxHC - 3>();
+          else wgmma_wait<0>();
+          reg_fence(acc[h]);
+#endif
           if (!((need >> h) & 1u)) continue;  // uniform
+#ifdef SALE_WGMMA
+          // another warp already selected this block for head h (one shared load, uniform within the warp)
+          if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) continue;
+#endif
           const float* qms = sks + (1 + h) * kTileKeys;
-          // prefilter
-          bool cand = false;
           float2 qmv[4];
 #pragma unroll
+          for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
+          // row bound (2 tests per thread instead of 8 per row): with a = sq_i * acc_ij (rounded) and sk_j >= 0,
+          // fma(a, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone),
+          // so when this bound fails the prefilter fails for every key of the row, and so does the exact test
+          {
+            const float qmx = fmaxf(fmaxf(fmaxf(qmv[0].x, qmv[0].y), fmaxf(qmv[1].x, qmv[1].y)),
+                                    fmaxf(fmaxf(qmv[2].x, qmv[2].y), fmaxf(qmv[3].x, qmv[3].y)));
+            int am0 = 0, am1 = 0;
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+              am0 = max(am0, max(acc[h][n][0], acc[h][n][1]));
+              am1 = max(am1, max(acc[h][n][2], acc[h][n][3]));
+            }
+            const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
+                            (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
+            if (!__any_sync(0xffffffffu, rb)) continue;
+          }
+          // prefilter
+          bool cand = false;
+#pragma unroll
           for (int n = 0; n < 4; ++n) {
-            qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
             const float a0 = sqr[h][0] * (float)acc[h][n][0], a1 = sqr[h][0] * (float)acc[h][n][1];
             const float a2 = sqr[h][1] * (float)acc[h][n][2], a3 = sqr[h][1] * (float)acc[h][n][3];
             cand |= (fmaf(a0, skv[n].x, qmv[n].x) > pre[h][0]) | (fmaf(a1, skv[n].y, qmv[n].y) > pre[h][0]) |
@@ -340,11 +429,11 @@ template <typename T, int D>
 static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
   constexpr int RB = D * 2;
   constexpr int REGION_A = kBlockQ * RB + kBlockK * RB;
-  constexpr int REGION_B = kStagesB * (kTileKeys * (D + 16) + (1 + kMaxHC) * kTileKeys * 4);
+  constexpr int REGION_B = kStagesB * (kTileKeys * D + (1 + kMaxHC) * kTileKeys * 4);
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   const int G = p.Hq / p.Hkv;
   const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
-  const int smem = REGION + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
+  const int smem = REGION + kMaxHC * kBlockQ * D + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
   cudaError_t e =
       cudaFuncSetAttribute(sale_select_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
