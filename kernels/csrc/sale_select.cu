@@ -8,21 +8,14 @@
 //   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the int8 estimate
 //      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j) with mma.sync m16n8k32 s8 (exact int32);
 //      the block is selected iff some row i and key j have zhat_ij > thr_i. Data flow:
-//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline, stored as 8x16-byte core matrices)
-//        in shared memory serves the HC heads of the CTA;
-//      * sm_90a: the 4 warps are one warpgroup; per 32-key block and head, 4 int8 wgmma m64n32k32 (A = the
-//        head's Qint tile, also in shared memory, B = the K block), one commit group per head so the tests of
-//        head h overlap the MMAs of the later heads; 163 registers, 3 CTAs/SM;
-//      * other archs: each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
+//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC heads
+//        of the CTA; each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
 //        mma.sync of every head from registers (Qint fragments of all HC heads stay in registers);
-//      * row bound first: per thread and row, fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) over
-//        its 8 keys bounds the prefilter value of all of them (2 tests instead of 8);
 //      * cheap prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin (4 instructions per
 //        element); only a warp where some element passes the prefilter evaluates the exact reference-order
 //        expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding differences,
 //        so the prefilter never changes the selection);
-//      * a head skips a block already selected by another warp (early exit of the OR over the block; sm_90a:
-//        the tests only, the MMAs of a block are warpgroup-wide).
+//      * a head skips a block already selected by another warp (early exit of the OR over the block).
 //   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
 //   tau == 0: every visible block.
 #include "sale_common.cuh"
@@ -49,17 +42,24 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_kernel(SelectParams p, int HC) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr int RB = D * 2;           // bytes per row (16-bit tiles)
-  constexpr int SBO = D * 8;          // int8 tiles: bytes per 8-key group (core matrices 8 keys x 16 bytes)
+  constexpr int IRB = D + 16;         // mma.sync path: bytes per int8 row (padded: conflict-free ldmatrix)
+#ifdef SALE_WGMMA
+  constexpr int SBO = D * 8;          // wgmma path: bytes per 8-row group (core matrices 8 rows x 16 bytes)
+#endif
   constexpr int Q_BYTES = kBlockQ * RB;
   constexpr int K_BYTES = kBlockK * RB;
-  constexpr int IT_BYTES = kTileKeys * D;         // int8 K tile (core-matrix layout, see load_b)
+  constexpr int IT_BYTES = kTileKeys * IRB;       // int8 K tile (layout: see load_b)
   constexpr int F_BYTES = kTileKeys * 4;          // sk / qm tile
   constexpr int STAGE_B = IT_BYTES + (1 + kMaxHC) * F_BYTES;
   constexpr int REGION_A = Q_BYTES + K_BYTES;
   constexpr int REGION_B = kStagesB * STAGE_B;
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int QI_BYTES = kMaxHC * kBlockQ * D;  // int8 Q tiles of stage B (sm_90a), core-matrix layout
+#ifdef SALE_WGMMA
+  constexpr int QI_BYTES = kMaxHC * kBlockQ * D;  // int8 Q tiles of stage B, core-matrix layout
+#else
+  constexpr int QI_BYTES = 0;
+#endif
   float* thr_s = reinterpret_cast<float*>(smem + REGION + QI_BYTES);                           // [kMaxHC][64]
   uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + QI_BYTES + kMaxHC * kBlockQ * 4);  // [HC][nW]
 
@@ -243,13 +243,20 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
     auto load_b = [&](int tile, int slot) {
       const int key0 = (bstart + 2 * tile) * kBlockK;
       const uint32_t base = sB + slot * STAGE_B;
-      // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
-      // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free for ldmatrix and for the stores)
       constexpr int ICPR = D / 16;
+#ifdef SALE_WGMMA
+      // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
+      // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free stores)
       for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
         const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
         cp_async16(base + i * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
       }
+#else
+      for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
+        const int r = i / ICPR, c = i % ICPR;
+        cp_async16(base + r * IRB + c * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
+      }
+#endif
       if (tid < 16) {
         cp_async16(base + IT_BYTES + tid * 16, skg + key0 + tid * 4, true);
       } else if (tid < 16 + 16 * HC) {
@@ -324,9 +331,8 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
           for (int np = 0; np < 2; ++np) {
             const int mi = lane / 8, r = lane % 8;
             const int key = half * 32 + np * 16 + (mi / 2) * 8 + r;
-            const int ch = kk * 2 + (mi % 2);
-            ldmatrix_x4(cKi + (key >> 3) * SBO + ch * 128 + (key & 7) * 16, kf[np][0], kf[np][1], kf[np][2],
-                        kf[np][3]);
+            const int byte = kk * 32 + (mi % 2) * 16;
+            ldmatrix_x4(cKi + key * IRB + byte, kf[np][0], kf[np][1], kf[np][2], kf[np][3]);
           }
 #pragma unroll
           for (int h = 0; h < kMaxHC; ++h) {
@@ -429,13 +435,18 @@ template <typename T, int D>
 static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
   constexpr int RB = D * 2;
   constexpr int REGION_A = kBlockQ * RB + kBlockK * RB;
-  constexpr int REGION_B = kStagesB * (kTileKeys * D + (1 + kMaxHC) * kTileKeys * 4);
+  constexpr int REGION_B = kStagesB * (kTileKeys * (D + 16) + (1 + kMaxHC) * kTileKeys * 4);
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   const int G = p.Hq / p.Hkv;
   const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
-  const int smem = REGION + kMaxHC * kBlockQ * D + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
-  cudaError_t e =
-      cudaFuncSetAttribute(sale_select_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // the int8 Q tiles in shared memory: sm_90a builds only (the backend builds sm_90a for compute capability 9.0)
+  int dev = 0, major = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e != cudaSuccess) return e;
+  const int qi_bytes = major == 9 ? kMaxHC * kBlockQ * D : 0;
+  const int smem = REGION + qi_bytes + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
+  e = cudaFuncSetAttribute(sale_select_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq / HC, p.B);
   sale_select_kernel<T, D><<<grid, kThreads, smem, s>>>(p, HC);
