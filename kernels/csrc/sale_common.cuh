@@ -170,6 +170,28 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4));
 }
 
+// One warp's 16 x 32 tile of S = Q K^T: Q fragments of its 16 rows (qf, from ldmatrix) times 32 keys of a
+// swizzled 16-bit K tile at shared address k_tile (row = D * 2 bytes); fp32 accumulators s[n] per 8-key chunk.
+template <bool BF, int D>
+__device__ __forceinline__ void warp_qk_16x32(const uint32_t (&qf)[D / 16][4], uint32_t k_tile, int lane,
+                                              float (&s)[4][4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {
+      const int mi = lane / 8, r = lane % 8;
+      const int key = np * 16 + (mi / 2) * 8 + r;
+      const int ch = kk * 2 + (mi % 2);
+      uint32_t b0, b1, b2, b3;
+      ldmatrix_x4(k_tile + swz<D * 2>(key, ch), b0, b1, b2, b3);
+      mma_16816<BF>(s[2 * np], qf[kk], b0, b1);
+      mma_16816<BF>(s[2 * np + 1], qf[kk], b2, b3);
+    }
+  }
+}
+
 // Key blocks of the always-computed set R of a query block (Lq == Lk, causal): sink blocks [0, nsink) and
 // local blocks [lstart, lend]; visible blocks are [0, lend].
 struct BlockRange {

@@ -132,21 +132,7 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
         cp_async_wait<0>();
         __syncthreads();
         float s[4][4];
-#pragma unroll
-        for (int n = 0; n < 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-          for (int np = 0; np < 2; ++np) {
-            const int mi = lane / 8, r = lane % 8;
-            const int key = np * 16 + (mi / 2) * 8 + r;
-            const int ch = kk * 2 + (mi % 2);
-            uint32_t b0, b1, b2, b3;
-            ldmatrix_x4(sK + swz<RB>(key, ch), b0, b1, b2, b3);
-            mma_16816<BF>(s[2 * np], qf[kk], b0, b1);
-            mma_16816<BF>(s[2 * np + 1], qf[kk], b2, b3);
-          }
-        }
+        warp_qk_16x32<BF, D>(qf, sK, lane, s);
         float mx_a = -INFINITY, mx_b = -INFINITY;
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
