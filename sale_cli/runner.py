@@ -136,12 +136,11 @@ def probe_dense_backend(hq: int = 32, hkv: int = 8, d: int = 128) -> str:
 class AttentionState:
     """What the registered attention function needs from its runner, attached to every attention module."""
 
-    def __init__(self, num_layers: int, options: SaleOptions):
+    def __init__(self, options: SaleOptions):
         self.method = "dense"
         self.options = options
         self.thresholds: torch.Tensor | None = None  # [num_layers, Hq] on CPU
         self._per_device: dict[tuple[int, str], torch.Tensor] = {}
-        self.num_layers = num_layers
         self.recording = False
         self.stage_timings = False  # ask the kernel for quant/select/compute times (it synchronizes per call)
         self.records: list[tuple] = []
@@ -306,7 +305,7 @@ class Runner:
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-        self.state = AttentionState(self.num_layers, options)
+        self.state = AttentionState(options)
         attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
         if len(attn_modules) != self.num_layers:
             raise ValueError(f"model {model_name}: found {len(attn_modules)} attention modules for "
