@@ -9,7 +9,7 @@ THETA ?= 0.4
 EXP ?= sale_default
 STAMP := build/.installed
 
-.PHONY: install test lint demo longbench infinitebench latency latency-config
+.PHONY: install test lint kernels-check demo longbench infinitebench latency latency-config bench-op
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -20,6 +20,9 @@ install: $(STAMP)  ## editable install with all extras
 
 test: $(STAMP)  ## the whole CPU test suite (GPU tests skip without CUDA)
 	$(PYTHON) -m pytest -q -ra
+
+kernels-check:  ## nvcc compile check of every kernels/csrc/*.cu for sm_80, sm_89, sm_90a (registers, spills); no GPU needed
+	bash scripts/check_kernels.sh
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check sale_cli kernels eval data tests
@@ -52,3 +55,9 @@ latency: $(STAMP)  ## NIAH prefill timing for MODEL, dense vs SALE at THETA
 # config.json of LATENCY_PRESET plus a tokenizer trained on the bundled haystack; no weights.
 latency-config: $(STAMP)  ## config + tokenizer of LATENCY_PRESET (no weights) for RANDOM_WEIGHTS=1 timing
 	$(PYTHON) -c "from sale_cli.eval.niah import write_config_dir; write_config_dir('$(LATENCY_CONFIG_DIR)', '$(LATENCY_PRESET)')"
+
+# Op benchmark (needs a CUDA GPU): BENCH_ARGS passes options (e.g. BENCH_ARGS="--lengths 32768,131072 --reps 3").
+BENCH_ARGS ?=
+
+bench-op: $(STAMP)  ## the attention op alone on Llama-3.1-8B shapes: SDPA backends vs SALE, into results/bench_op
+	sale bench-op $(BENCH_ARGS)

@@ -12,6 +12,7 @@ from .reference import sale_attention_reference
 ESTIMATES = ("int4", "int8", "none")
 QUANT_GROUPS = ("per_token", "per_block")
 BACKENDS = ("auto", "reference", "cuda")
+COMPUTES = ("auto", "cuda", "flex")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -41,6 +42,7 @@ def sale_attention(
     quant_group: str = "per_token",
     dense_below: int = 1024,
     backend: str = "auto",
+    compute: str = "auto",
     return_block_map: bool = False,
     return_lse: bool = False,
     return_density: bool = False,
@@ -52,9 +54,13 @@ def sale_attention(
     fp32. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a
     :class:`SaleOutput` when any ``return_*`` flag is set (density is filled whenever an object is returned).
     ``return_timings`` asks the CUDA backend for ms per stage (quant, select, compute); it synchronizes.
+    ``compute`` picks the CUDA backend's computation pass: "cuda" (own kernel), "flex" (FlexAttention on the same
+    block list) or "auto" (the faster on this GPU); the reference ignores it.
     """
     tau = _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
                  dense_below, backend)
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     sink_tokens = block_k if sink_tokens is None else sink_tokens
@@ -68,12 +74,14 @@ def sale_attention(
     if chosen == "cuda":
         from . import cuda_backend
 
-        if dense and not want_object:
+        if (dense or not bool(tau.any())) and not want_object:
+            # exact dense attention (short input, or every head at tau 0): the fastest SDPA backend
             return _sdpa_dense(q, k, v, scale)
         if dense:
             tau = torch.zeros_like(tau)
         out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs,
-                                                                                 timing=return_timings)
+                                                                                 timing=return_timings,
+                                                                                 compute=compute)
     else:
         out, lse, block_map, density = sale_attention_reference(q, k, v, tau, dense=dense, **kwargs)
     if not want_object:

@@ -2,23 +2,28 @@
 
 Three passes, each a kernel launch on the current stream (sources in ``kernels/csrc``):
 
-1. quant:   per-channel means of K (per kv head) and Q (per query head), symmetric int8 quantization of the
-            smoothed Q and K (per_token or per_block steps, round half to even), qm_j = q_mean . k_smooth_j and
-            c_i = scale * q_i . k_mean (the logit shift of smoothing K).
-2. select:  exact fp32 m_i, l_i over the sink+local set R, then the int8 estimate (wgmma s8 on sm_90a, mma.sync
-            s8 elsewhere) of every other causally visible 32-key block; a bitmap of the blocks to compute per
-            (b, hq, 64-row query block).
+1. quant:   per-channel means of K (per kv head) and Q (per query head), symmetric int8 or int4 quantization
+            of the smoothed Q and K (per_token or per_block steps, round half to even; int4 packed two per
+            byte), qm_j = q_mean . k_smooth_j and c_i = scale * q_i . k_mean (the logit shift of smoothing K).
+2. select:  exact fp32 m_i, l_i over the sink+local set R, then the integer estimate (int8: wgmma s8 on sm_90a,
+            mma.sync s8 elsewhere; int4: mma.sync m16n8k64 s4, native on sm_80/86/89, emulated and slow on
+            sm_90) of every other causally visible 32-key block; a bitmap of the blocks to compute per
+            (b, hq, 64-row query block): 32 MiB at 128K tokens and 32 heads (kernels/block_sparse.py converts it
+            to FlexAttention's block lists).
             One CTA per (b, query block, up to 4 query heads of a kv group): each int8 K tile serves all its
             heads, cheap prefilter before the exact reference-order test.
-3. compute: FlashAttention-2 style block-sparse causal attention over the bitmap (fp16/bf16 mma, fp32
-            accumulation); the softmax is invariant to the smoothing shift, so the original K is used and the
-            lse is that of the original logits (as in the reference); the O accumulator is rescaled only when
-            some row max of the warp moved.
+3. compute: ``compute="cuda"``: FlashAttention-2 style block-sparse causal attention over the bitmap
+            (fp16/bf16 mma, fp32 accumulation); the softmax is invariant to the smoothing shift, so the original K
+            is used and the lse is that of the original logits (as in the reference); the O accumulator is
+            rescaled only when some row max of the warp moved. ``compute="flex"``: torch's FlexAttention over the
+            same blocks (kernels/block_sparse.py). ``"auto"``: the faster one measured on this GPU architecture
+            (``default_compute``).
 
-One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu); docs/PERF_KERNEL_NOTES.md has the history.
+One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu), each registered as a torch.library custom
+op (``torch.ops.sale.quantize`` / ``select`` / ``compute``); docs/PERF_KERNEL_NOTES.md has the history.
 
-Supported: fp16/bf16, Lq == Lk, head_dim 64 or 128, block_q=64, block_k=32, estimate="int8", GQA with up to 16
-query heads per kv head. Anything else raises ValueError.
+Supported: fp16/bf16, Lq == Lk, head_dim 64 or 128, block_q=64, block_k=32, estimate "int8" or "int4", GQA with
+up to 16 query heads per kv head. Anything else raises ValueError.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ import os
 import threading
 
 import torch
+
+from . import block_sparse
+
+ESTIMATE_BITS = {"int8": 8, "int4": 4}
+COMPUTES = ("auto", "cuda", "flex")
+STOP_AFTER = (None, "quant", "select")
+# The faster computation pass per compute capability major, from `sale bench-op` (docs/PERF.md); "cuda" where
+# nothing was measured.
+_DEFAULT_COMPUTE = {}
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_compute.cu")
@@ -103,9 +117,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, es
         return False, f"{q.shape[1] // k.shape[1]} query heads per kv head (the CUDA kernels take at most 16)"
     if (block_q, block_k) != (64, 32):
         return False, f"block_q={block_q}, block_k={block_k} (the CUDA kernels take 64 and 32)"
-    if estimate != "int8":
-        return False, f"estimate={estimate!r} (the CUDA kernels implement 'int8'; use backend='reference')"
+    if estimate not in ESTIMATE_BITS:
+        return False, f"estimate={estimate!r} (the CUDA kernels implement 'int8' and 'int4'; use backend='reference')"
     return True, "supported"
+
+
+def default_compute() -> str:
+    """The computation pass ``compute="auto"`` uses on the current GPU: "cuda" or "flex"."""
+    major, _ = torch.cuda.get_device_capability()
+    return _DEFAULT_COMPUTE.get(major, "cuda")
 
 
 def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, estimate, quant_group):
@@ -132,9 +152,9 @@ def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, 
         raise ValueError(f"block_q={block_q} is not supported by the CUDA backend (only block_q=64)")
     if block_k != 32:
         raise ValueError(f"block_k={block_k} is not supported by the CUDA backend (only block_k=32)")
-    if estimate != "int8":
-        raise ValueError(f"estimate={estimate!r} is not supported by the CUDA backend (only 'int8'; "
-                         "'int4' and 'none' are in the reference backend)")
+    if estimate not in ESTIMATE_BITS:
+        raise ValueError(f"estimate={estimate!r} is not supported by the CUDA backend ('int8' or 'int4'; "
+                         "'none' is in the reference backend)")
     if quant_group not in ("per_token", "per_block"):
         raise ValueError(f"quant_group must be 'per_token' or 'per_block', got {quant_group!r}")
     if sink_tokens < 0 or local_window < 0:
@@ -151,20 +171,66 @@ def _visible_pairs(L: int, block_q: int, block_k: int) -> int:
     return sum((min((qb + 1) * block_q, L) - 1) // block_k + 1 for qb in range(nQ))
 
 
-def bits_to_block_map(bits: torch.Tensor, nK: int) -> torch.Tensor:
-    """[B, Hq, nQ, nW] int32 bitmaps -> bool [B, Hq, nQ, nK] (bit kb of word kb // 32)."""
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    unpacked = (bits.unsqueeze(-1) >> shifts) & 1
-    return unpacked.flatten(-2)[..., :nK].bool()
+@torch.library.custom_op("sale::quantize", mutates_args=())
+def _quantize_op(q: torch.Tensor, k: torch.Tensor, per_block: bool, bits: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """Stage 1: (kint, sk, qint, sq, qm, qkm)."""
+    return tuple(_load().quantize(q, k, int(per_block), bits, scale))
+
+
+@_quantize_op.register_fake
+def _(q, k, per_block, bits, scale):
+    B, Hq, L, d = q.shape
+    Hkv, Lpad, ib = k.shape[1], (L + 63) // 64 * 64, d // 2 if bits == 4 else d
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(B, Hkv, Lpad, ib, dtype=torch.int8), q.new_empty(B, Hkv, Lpad, **f32),
+            q.new_empty(B, Hq, Lpad, ib, dtype=torch.int8), q.new_empty(B, Hq, Lpad, **f32),
+            q.new_empty(B, Hq, Lpad, **f32), q.new_empty(B, Hq, Lpad, **f32))
+
+
+@torch.library.custom_op("sale::select", mutates_args=())
+def _select_op(q: torch.Tensor, k: torch.Tensor, qint: torch.Tensor, sq: torch.Tensor, kint: torch.Tensor,
+               sk: torch.Tensor, qm: torch.Tensor, qkm: torch.Tensor, tau: torch.Tensor, scale: float,
+               sink_tokens: int, local_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2: (bitmap [B, Hq, nQ, nW] int32, computed pairs [B, Hq] int32)."""
+    return tuple(_load().select(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, sink_tokens, local_window))
+
+
+@_select_op.register_fake
+def _(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, sink_tokens, local_window):
+    B, Hq, L, _ = q.shape
+    nW = (math.ceil(L / 32) + 31) // 32
+    return q.new_empty(B, Hq, math.ceil(L / 64), nW, dtype=torch.int32), q.new_empty(B, Hq, dtype=torch.int32)
+
+
+@torch.library.custom_op("sale::compute", mutates_args=())
+def _compute_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, scale: float,
+                need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 3: (out, lse [B, Hq, L] fp32, or [0, Hq, L] without need_lse)."""
+    return tuple(_load().compute(q, k, v, bits, scale, need_lse))
+
+
+@_compute_op.register_fake
+def _(q, k, v, bits, scale, need_lse):
+    B, Hq, L, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B if need_lse else 0, Hq, L, dtype=torch.float32)
 
 
 def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
-                        quant_group, need_block_map, need_lse, timing: bool = False):
+                        quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
+                        stop_after: str | None = None):
     """SALE attention with the CUDA kernels.
 
     Returns (out, lse or None, block_map or None, density [B, Hq] fp32, timings dict or None); timings (ms per
-    stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True.
+    stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True. ``compute``: "cuda",
+    "flex" or "auto" (``default_compute()``). ``stop_after`` "quant" or "select" ends the call after that stage
+    (for timing the stages): out and lse are then None, and after "quant" so are the map and the density.
     """
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if stop_after not in STOP_AFTER:
+        raise ValueError(f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
     if sink_tokens is None:
         sink_tokens = block_k
     if scale is None:
@@ -173,35 +239,47 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     tau = thresholds.detach().to(device=q.device, dtype=torch.float32).contiguous()
     if bool(torch.isnan(tau).any()) or bool((tau < 0).any()):
         raise ValueError("thresholds must be >= 0 and not NaN")
-    mod = _load()
+    if compute == "auto":
+        compute = default_compute()
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
     B, Hq, L, d = q.shape
     nK = math.ceil(L / block_k)
-    per_block = 1 if quant_group == "per_block" else 0
     scale = float(scale)
 
-    events = None
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timing else None
+    stages = ("quant", "select", "compute")
+
+    def finish(n_stages):
+        if not timing:
+            return None
+        events[n_stages].synchronize()
+        return {stages[i]: events[i].elapsed_time(events[i + 1]) for i in range(n_stages)}
+
     if timing:
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         events[0].record()
-    kint, sk, qint, sq, qm, qkm = mod.quantize(q, k, per_block, scale)
+    kint, sk, qint, sq, qm, qkm = torch.ops.sale.quantize(q, k, quant_group == "per_block",
+                                                          ESTIMATE_BITS[estimate], scale)
     if timing:
         events[1].record()
-    bits, pairs = mod.select(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, int(sink_tokens), int(local_window))
+    if stop_after == "quant":
+        return None, None, None, None, finish(1)
+    bits, pairs = torch.ops.sale.select(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, int(sink_tokens),
+                                        int(local_window))
+    del kint, sk, qint, sq, qm, qkm
     if timing:
         events[2].record()
-    out, lse = mod.compute(q, k, v, bits, scale, bool(need_lse))
-    timings = None
+    density = pairs.float() / float(_visible_pairs(L, block_q, block_k))
+    block_map = block_sparse.bits_to_block_map(bits, nK) if need_block_map or compute == "flex" else None
+    if stop_after == "select":
+        return None, None, (block_map if need_block_map else None), density, finish(2)
+    if compute == "cuda":
+        out, lse = torch.ops.sale.compute(q, k, v, bits, scale, bool(need_lse))
+    else:
+        res = block_sparse.flex_block_sparse_attention(q, k, v, block_map, block_q=block_q, block_k=block_k,
+                                                       scale=scale, return_lse=need_lse)
+        out, lse = res if need_lse else (res, None)
     if timing:
         events[3].record()
-        events[3].synchronize()
-        timings = {
-            "quant": events[0].elapsed_time(events[1]),
-            "select": events[1].elapsed_time(events[2]),
-            "compute": events[2].elapsed_time(events[3]),
-        }
-    density = pairs.float() / float(_visible_pairs(L, block_q, block_k))
-    block_map = bits_to_block_map(bits, nK) if need_block_map else None
-    return out, (lse if need_lse else None), block_map, density, timings
+    return out, (lse if need_lse else None), (block_map if need_block_map else None), density, finish(3)

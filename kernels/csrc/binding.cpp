@@ -41,8 +41,8 @@ at::Tensor channel_mean(const at::Tensor& x, cudaStream_t stream) {
 
 }  // namespace
 
-// Stage 1. Returns {kint, sk, qint, sq, qm, qkm}.
-std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_block, double scale) {
+// Stage 1. Returns {kint, sk, qint, sq, qm, qkm}; kint/qint rows are D bytes (int8) or D / 2 (int4, packed).
+std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_block, int64_t bits, double scale) {
   check_qkv(q, "q");
   check_qkv(k, "k");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype");
@@ -53,7 +53,10 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
   TORCH_CHECK(Hq % Hkv == 0, "Hq must be a multiple of Hkv");
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(G <= 16, "at most 16 query heads per kv head are supported by the CUDA backend");
+  TORCH_CHECK(bits == 8 || bits == 4, "estimate bits must be 8 or 4, got ", bits);
   const int64_t Lpad = pad64(L);
+  const int64_t IB = bits == 4 ? D / 2 : D;
+  const int qmax = bits == 4 ? 7 : 127;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
 
   auto kmean = channel_mean(k, stream);
@@ -61,17 +64,18 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
 
   auto f32 = q.options().dtype(at::kFloat);
   auto i8 = q.options().dtype(at::kChar);
-  auto kint = at::empty({B, Hkv, Lpad, D}, i8);
+  auto kint = at::empty({B, Hkv, Lpad, IB}, i8);
   auto sk = at::empty({B, Hkv, Lpad}, f32);
   auto qm = at::empty({B, Hq, Lpad}, f32);
-  auto qint = at::empty({B, Hq, Lpad, D}, i8);
+  auto qint = at::empty({B, Hq, Lpad, IB}, i8);
   auto sq = at::empty({B, Hq, Lpad}, f32);
   auto qkm = at::empty({B, Hq, Lpad}, f32);
 
   sale::QuantParams pk{};
   pk.x = k.data_ptr();
   pk.mean = kmean.data_ptr<float>();
-  pk.xs = nullptr;
+  pk.qmax = qmax;
+  pk.ib = (int)IB;
   pk.xi = kint.data_ptr<int8_t>();
   pk.step = sk.data_ptr<float>();
   pk.qmean = qmean.data_ptr<float>();
@@ -90,7 +94,8 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
   sale::QuantParams pq{};
   pq.x = q.data_ptr();
   pq.mean = qmean.data_ptr<float>();
-  pq.xs = nullptr;
+  pq.qmax = qmax;
+  pq.ib = (int)IB;
   pq.xi = qint.data_ptr<int8_t>();
   pq.step = sq.data_ptr<float>();
   pq.qmean = nullptr;
@@ -122,6 +127,8 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   const int64_t Lpad = pad64(L);
   TORCH_CHECK(k.size(2) == L && kint.size(2) == Lpad && qint.size(2) == Lpad && qkm.size(2) == Lpad,
               "quantized buffers mismatch");
+  const int64_t IB = kint.size(3);
+  TORCH_CHECK((IB == D || IB == D / 2) && qint.size(3) == IB, "quantized rows must be D (int8) or D/2 (int4) bytes");
   const int64_t nQ = (L + sale::kBlockQ - 1) / sale::kBlockQ;
   const int64_t nK = (L + sale::kBlockK - 1) / sale::kBlockK;
   const int64_t nW = (nK + 31) / 32;
@@ -151,12 +158,12 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.local_window = (int)std::min<int64_t>(local_window, L);
   p.scale = (float)scale;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
-  SALE_CHECK_CUDA(sale::launch_select(p, (int)D, bf16, stream));
+  SALE_CHECK_CUDA(sale::launch_select(p, (int)D, bf16, IB != D, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {bits, pairs};
 }
 
-// Stage 3. Returns {o, lse (empty if !need_lse)}.
+// Stage 3. Returns {o, lse ([0, Hq, L] if !need_lse)}.
 std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bits, double scale,
                                      bool need_lse) {
   check_qkv(q, "q");
@@ -175,8 +182,8 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
               "bits shape mismatch");
   TORCH_CHECK(k.size(2) == L && v.size(2) == L && k.size(1) == Hkv, "k/v shape mismatch");
   auto o = at::empty_like(q);
-  at::Tensor lse;
-  if (need_lse) lse = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
+  // without need_lse an empty tensor (custom ops return tensors, never None)
+  auto lse = at::empty({need_lse ? B : 0, Hq, L}, q.options().dtype(at::kFloat));
   sale::ComputeParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -200,7 +207,7 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SALE block-sparse attention CUDA kernels";
-  m.def("quantize", &sale_quantize, "SALE stage 1: smoothing + int8 quantization");
+  m.def("quantize", &sale_quantize, "SALE stage 1: smoothing + int8 / int4 quantization");
   m.def("select", &sale_select, "SALE stage 2: block selection");
   m.def("compute", &sale_compute, "SALE stage 3: block-sparse attention");
 }

@@ -104,6 +104,26 @@ __device__ __forceinline__ void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// D = A(16x64 s4, row) * B(64x8 s4, col) + D ; exact int32 accumulation. Two s4 per byte, the lower k index in
+// the low nibble: in bytes, the fragments are laid out exactly as m16n8k32 s8's over 32-byte k chunks.
+__device__ __forceinline__ void mma_s4_16864(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// one 32-byte k chunk of the integer estimate: s8 (m16n8k32) or packed s4 (m16n8k64)
+template <bool I4>
+__device__ __forceinline__ void mma_int(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (I4) {
+    mma_s4_16864(c, a, b0, b1);
+  } else {
+    mma_s8_16832(c, a, b0, b1);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hopper warpgroup MMA (sm_90a only): int8 m64n32k32, A = 64 rows x 32 bytes and B = 32 keys x 32 bytes from
 // shared memory, both K-major, no swizzle (core matrices of 8 rows x 16 contiguous bytes; LBO = stride between
@@ -111,18 +131,25 @@ __device__ __forceinline__ void mma_s8_16832(int (&c)[4], const uint32_t (&a)[4]
 // 16 * warp + 0..15) equals mma.m16n8k32's C layout for n8 chunks 0..3.
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SALE_WGMMA 1
+#define SALE_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
+constexpr bool kWgmmaArch = true;  // this compilation pass targets sm_90a: wgmma available
+#else
+#define SALE_WGMMA_ASM(...) __trap()
+constexpr bool kWgmmaArch = false;
+#endif
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { SALE_WGMMA_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  SALE_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+  SALE_WGMMA_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  SALE_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // keep the compiler from moving accumulator accesses across wgmma issue / wait
 __device__ __forceinline__ void reg_fence(int (&d)[4][4]) {
@@ -133,7 +160,7 @@ __device__ __forceinline__ void reg_fence(int (&d)[4][4]) {
 // d = (accumulate ? d : 0) + A(64 rows x 32 s8, smem descriptor) * B(32 keys x 32 s8, smem descriptor)
 __device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t desc_a, uint64_t desc_b,
                                                       int accumulate) {
-  asm volatile(
+  SALE_WGMMA_ASM(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
       "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p;\n}\n"
@@ -142,7 +169,6 @@ __device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t d
         "+r"(d[3][2]), "+r"(d[3][3])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
-#endif
 
 // fast 2^x (ex2.approx.ftz): 2^-inf = +0
 __device__ __forceinline__ float fast_exp2(float x) {

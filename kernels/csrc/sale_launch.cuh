@@ -18,14 +18,15 @@ cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, i
 struct QuantParams {
   const void* x;        // [BH, L, D] fp16/bf16, contiguous
   const float* mean;    // [BH, D]
-  void* xs;             // smoothed copy [BH, Lpad, D] (input dtype) or nullptr
-  int8_t* xi;           // [BH, Lpad, D]
+  int8_t* xi;           // [BH, Lpad, ib]: int8, or int4 packed two per byte (low nibble = even channel)
   float* step;          // [BH, Lpad]
   const float* qmean;   // K only: query-head means [B, Hq, D] (nullptr for Q)
   float* qm;            // K only: qm[b, hq, j] = qmean[b,hq] . ks[b,hkv,j]  [B, Hq, Lpad]
   int L, Lpad, H;       // H: heads of x
   int G;                // K only: query heads per kv head
   int group_rows;       // 1 (per_token) or the block size (per_block); divides 64
+  int qmax;             // 127 (int8) or 7 (int4)
+  int ib;               // bytes per quantized row: D (int8) or D / 2 (int4)
   // Q only: c[b, hq, i] = scale * q_i . kmean[b, hq / G]  (the logit shift of smoothing K), [B, Hq, Lpad]
   const float* kmean;   // [B, Hkv, D] or nullptr
   float* qkm;
@@ -37,9 +38,9 @@ cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, 
 struct SelectParams {
   const void* q;        // [B, Hq, L, D]
   const void* k;        // K [B, Hkv, L, D] (unsmoothed: logits are shifted by -qkm, exactly the smoothed ones)
-  const int8_t* qi;     // [B, Hq, Lpad, D]
+  const int8_t* qi;     // [B, Hq, Lpad, IB] (IB = D for int8, D / 2 for packed int4)
   const float* sq;      // [B, Hq, Lpad]
-  const int8_t* ki;     // [B, Hkv, Lpad, D]
+  const int8_t* ki;     // [B, Hkv, Lpad, IB]
   const float* sk;      // [B, Hkv, Lpad]
   const float* qm;      // [B, Hq, Lpad]
   const float* qkm;     // [B, Hq, Lpad] scale * q_i . kmean
@@ -50,8 +51,9 @@ struct SelectParams {
   int sink_tokens, local_window;
   float scale;
 };
-// one CTA per (b, query block, up to 4 query heads of a kv group), shared int8 K tiles, prefilter
-cudaError_t launch_select(const SelectParams& p, int D, bool bf16, cudaStream_t stream);
+// one CTA per (b, query block, up to 4 query heads of a kv group), shared integer K tiles, prefilter;
+// int4: packed int4 estimate (m16n8k64 s4 mma.sync on every arch), else int8 (wgmma on sm_90a)
+cudaError_t launch_select(const SelectParams& p, int D, bool bf16, bool int4, cudaStream_t stream);
 
 // ---- stage 3: block-sparse attention -----------------------------------------------------------
 struct ComputeParams {

@@ -1,8 +1,8 @@
-// SALE stage 1: smoothing and symmetric int8 quantization of Q and K.
+// SALE stage 1: smoothing and symmetric int8 / int4 quantization of Q and K.
 //   colsum_partial: deterministic per-channel partial sums (means are finished by the binding).
-//   smooth_quant:   x_s = x - mean (fp32), step = max|x_s| / 127 over the scale group (row or block),
-//                   x_int = round_half_even(x_s / step); for K also the smoothed copy (input dtype) and
-//                   qm[b, hq, j] = q_mean[hq] . k_s[j] for every query head of the group.
+//   smooth_quant:   x_s = x - mean (fp32), step = max|x_s| / qmax over the scale group (row or block; qmax 127
+//                   or 7), x_int = round_half_even(x_s / step) (int4: two per byte, low nibble = even channel);
+//                   for K also qm[b, hq, j] = q_mean[hq] . k_s[j] for every query head of the group.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
 
@@ -129,35 +129,33 @@ __global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
       am = 0.f;
       for (int i = 0; i < p.group_rows; ++i) am = fmaxf(am, amax_s[g0 + i]);
     }
-    const float step = am / 127.0f;  // IEEE division (no fast-math)
+    const float step = __fdiv_rn(am, (float)p.qmax);  // IEEE division (no fast-math)
+    const bool int4 = p.ib != D;
+    const int nbits = int4 ? 4 : 8;
+    const uint32_t emask = int4 ? 0xfu : 0xffu;
     uint32_t packed = 0u;
 #pragma unroll
     for (int e = 0; e < EPL; ++e) {
       int iv = 0;
       if (step > 0.f) {
         iv = __float2int_rn(__fdiv_rn(val[rr][e], step));
-        iv = max(-127, min(127, iv));
+        iv = max(-p.qmax, min(p.qmax, iv));
       }
-      packed |= ((uint32_t)iv & 0xffu) << (8 * e);
+      packed |= ((uint32_t)iv & emask) << (nbits * e);
     }
-    int8_t* dst = p.xi + (obase + row) * D + lane * EPL;
-    if constexpr (EPL == 4) {
+    int8_t* dst = p.xi + (obase + row) * p.ib + lane * EPL * nbits / 8;
+    if (int4) {
+      if constexpr (EPL == 4) {
+        *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
+      } else {
+        *reinterpret_cast<uint8_t*>(dst) = (uint8_t)packed;
+      }
+    } else if constexpr (EPL == 4) {
       *reinterpret_cast<uint32_t*>(dst) = packed;
     } else {
       *reinterpret_cast<uint16_t*>(dst) = (uint16_t)packed;
     }
     if (lane == 0) p.step[obase + row] = step;
-    if (p.xs != nullptr) {
-      T* xs = reinterpret_cast<T*>(p.xs) + (obase + row) * D + lane * EPL;
-      if constexpr (EPL == 4) {
-        uint2 u;
-        u.x = TypeTraits<T>::pack2(val[rr][0], val[rr][1]);
-        u.y = TypeTraits<T>::pack2(val[rr][2], val[rr][3]);
-        *reinterpret_cast<uint2*>(xs) = u;
-      } else {
-        *reinterpret_cast<uint32_t*>(xs) = TypeTraits<T>::pack2(val[rr][0], val[rr][1]);
-      }
-    }
     if (isK) {
       const int Hq = p.H * p.G;
       for (int g = 0; g < p.G; ++g) {
@@ -199,6 +197,7 @@ static cudaError_t sq_dispatch(const QuantParams& p, int BH, cudaStream_t s) {
 
 cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, cudaStream_t stream) {
   if (p.Lpad % 64 != 0 || p.G > 16 || (p.group_rows != 1 && 64 % p.group_rows != 0)) return cudaErrorInvalidValue;
+  if (!((p.qmax == 127 && p.ib == D) || (p.qmax == 7 && p.ib == D / 2))) return cudaErrorInvalidValue;
   if (D == 64) return bf16 ? sq_dispatch<__nv_bfloat16, 64>(p, BH, stream) : sq_dispatch<__half, 64>(p, BH, stream);
   if (D == 128)
     return bf16 ? sq_dispatch<__nv_bfloat16, 128>(p, BH, stream) : sq_dispatch<__half, 128>(p, BH, stream);

@@ -30,22 +30,17 @@ constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
 constexpr int kMaxHC = 4;      // query heads per CTA
 }  // namespace
 
-// sm_90a: the int8 Q tiles of stage B live in shared memory (wgmma reads A and B from there), which frees the
-// 64 registers of the A fragments: 3 CTAs per SM instead of 2
-#ifdef SALE_WGMMA
-#define SALE_SELECT_MIN_CTAS 3
-#else
-#define SALE_SELECT_MIN_CTAS 1
-#endif
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_kernel(SelectParams p, int HC) {
+// I4: the estimate in packed int4 (two per byte, m16n8k64 s4 mma.sync; Hopper emulates it, so on sm_90 it is for
+// parity only); else int8. WG (sm_90a build, int8): the int8 Q tiles of stage B live in shared memory (wgmma
+// reads A and B from there), which frees the 64 registers of the A fragments: 3 CTAs per SM instead of 2.
+template <typename T, int D, bool I4>
+__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p, int HC) {
   constexpr bool BF = TypeTraits<T>::kBF16;
+  constexpr bool WG = kWgmmaArch && !I4;
+  constexpr int IB = I4 ? D / 2 : D;  // bytes per quantized row
   constexpr int RB = D * 2;           // bytes per row (16-bit tiles)
-  constexpr int IRB = D + 16;         // mma.sync path: bytes per int8 row (padded: conflict-free ldmatrix)
-#ifdef SALE_WGMMA
+  constexpr int IRB = IB + 16;        // mma.sync path: bytes per integer row (padded: conflict-free ldmatrix)
   constexpr int SBO = D * 8;          // wgmma path: bytes per 8-row group (core matrices 8 rows x 16 bytes)
-#endif
   constexpr int Q_BYTES = kBlockQ * RB;
   constexpr int K_BYTES = kBlockK * RB;
   constexpr int IT_BYTES = kTileKeys * IRB;       // int8 K tile (layout: see load_b)
@@ -55,11 +50,7 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
   constexpr int REGION_B = kStagesB * STAGE_B;
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   extern __shared__ __align__(128) unsigned char smem[];
-#ifdef SALE_WGMMA
-  constexpr int QI_BYTES = kMaxHC * kBlockQ * D;  // int8 Q tiles of stage B, core-matrix layout
-#else
-  constexpr int QI_BYTES = 0;
-#endif
+  constexpr int QI_BYTES = WG ? kMaxHC * kBlockQ * D : 0;  // wgmma: int8 Q tiles of stage B, core-matrix layout
   float* thr_s = reinterpret_cast<float*>(smem + REGION + QI_BYTES);                           // [kMaxHC][64]
   uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + QI_BYTES + kMaxHC * kBlockQ * 4);  // [HC][nW]
 
@@ -175,9 +166,7 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
     __syncthreads();  // region A is reused by stage B; thr_s complete
 
     // ---------------- B: int8 estimate over candidate blocks, all heads of the CTA ----------------
-#ifndef SALE_WGMMA
-    uint32_t qa[kMaxHC][D / 32][4];
-#endif
+    uint32_t qa[kMaxHC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
     float thr[kMaxHC][2], pre[kMaxHC][2], sqr[kMaxHC][2];
     unsigned active = 0u;  // heads with tau > 0
     const float inv_scale = 1.f / p.scale;
@@ -186,26 +175,27 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
       const int hq = hq0 + (h < HC ? h : 0);
       const bool act = h < HC && p.tau[hq] > 0.f;
       active |= act ? (1u << h) : 0u;
-#ifdef SALE_WGMMA
-      if (act) {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
-        const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
-        const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * D;
-        constexpr int ICPR = D / 16;
-        for (int i = tid; i < kBlockQ * ICPR; i += kThreads) {
-          const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
-          cp_async16(base + i * 16, qig + (size_t)r * D + c * 16, true);
+      if constexpr (WG) {
+        if (act) {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
+          const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
+          const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * D;
+          constexpr int ICPR = D / 16;
+          for (int i = tid; i < kBlockQ * ICPR; i += kThreads) {
+            const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
+            cp_async16(base + i * 16, qig + (size_t)r * D + c * 16, true);
+          }
+        }
+      } else {
+        const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + warp * 16) * IB;
+#pragma unroll
+        for (int kk = 0; kk < IB / 32; ++kk) {
+          qa[h][kk][0] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * IB + kk * 32 + t * 4) : 0u;
+          qa[h][kk][1] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * IB + kk * 32 + t * 4) : 0u;
+          qa[h][kk][2] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * IB + kk * 32 + 16 + t * 4) : 0u;
+          qa[h][kk][3] =
+              act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * IB + kk * 32 + 16 + t * 4) : 0u;
         }
       }
-#else
-      const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + warp * 16) * D;
-#pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk) {
-        qa[h][kk][0] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * D + kk * 32 + t * 4) : 0u;
-        qa[h][kk][1] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * D + kk * 32 + t * 4) : 0u;
-        qa[h][kk][2] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * D + kk * 32 + 16 + t * 4) : 0u;
-        qa[h][kk][3] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * D + kk * 32 + 16 + t * 4) : 0u;
-      }
-#endif
       const float* sqg = p.sq + (size_t)(b * p.Hq + hq) * p.Lpad;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
@@ -216,33 +206,31 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
         sqr[h][rr] = sqg[br.r0 + warp * 16 + g + 8 * rr];
       }
     }
-    const int8_t* kig = p.ki + (size_t)(b * p.Hkv + hkv) * p.Lpad * D;
+    const int8_t* kig = p.ki + (size_t)(b * p.Hkv + hkv) * p.Lpad * IB;
     const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.Lpad;
     const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.Lpad;
     const uint32_t sB = smem_u32(smem);
-#ifdef SALE_WGMMA
-    const uint32_t sQi = sB + REGION;
-#endif
+    const uint32_t sQi = sB + REGION;  // wgmma path
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
 
     auto load_b = [&](int tile, int slot) {
       const int key0 = (bstart + 2 * tile) * kBlockK;
       const uint32_t base = sB + slot * STAGE_B;
-      constexpr int ICPR = D / 16;
-#ifdef SALE_WGMMA
-      // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
-      // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free stores)
-      for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-        const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
-        cp_async16(base + i * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
+      constexpr int ICPR = IB / 16;
+      if constexpr (WG) {
+        // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
+        // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free stores)
+        for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
+          const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
+          cp_async16(base + i * 16, kig + (size_t)(key0 + r) * IB + c * 16, true);
+        }
+      } else {
+        for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
+          const int r = i / ICPR, c = i % ICPR;
+          cp_async16(base + r * IRB + c * 16, kig + (size_t)(key0 + r) * IB + c * 16, true);
+        }
       }
-#else
-      for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-        const int r = i / ICPR, c = i % ICPR;
-        cp_async16(base + r * IRB + c * 16, kig + (size_t)(key0 + r) * D + c * 16, true);
-      }
-#endif
       if (tid < 16) {
         cp_async16(base + IT_BYTES + tid * 16, skg + key0 + tid * 4, true);
       } else if (tid < 16 + 16 * HC) {
@@ -258,9 +246,7 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
     }
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
-#ifdef SALE_WGMMA
-      fence_proxy_async_smem();  // the tile was written through the generic proxy, wgmma reads it async
-#endif
+      if constexpr (WG) fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
       __syncthreads();
       if (it + kStagesB - 1 < ntile) load_b(it + kStagesB - 1, (it + kStagesB - 1) % kStagesB);
       cp_async_commit();
@@ -273,10 +259,11 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
         const int kb = kb0 + half;
         if (kb >= bend) break;  // uniform
         int acc[kMaxHC][4][4];
-#ifdef SALE_WGMMA
+        unsigned need = 0u;
+        if constexpr (WG) {
         // one warpgroup-wide int8 wgmma chain (4 k-steps) per active head, one commit group per head, so the
         // tests of head h overlap the tensor-core work of heads h+1.. (need = active: CTA-uniform)
-        const unsigned need = active;
+        need = active;
 #pragma unroll
         for (int h = 0; h < kMaxHC; ++h) reg_fence(acc[h]);
         wgmma_fence();
@@ -290,9 +277,8 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
           }
           wgmma_commit();
         }
-#else
+        } else {
         // heads that still need this block (a benign race on bits set by other warps: bits are only added)
-        unsigned need = 0u;
         if (lane == 0) {
 #pragma unroll
           for (int h = 0; h < kMaxHC; ++h) {
@@ -305,13 +291,13 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
         }
         need = __shfl_sync(0xffffffffu, need, 0);
         if (need == 0u) continue;
-        // int8 mma of every active head, interleaved (16 independent accumulator chains per warp)
+        // integer mma of every active head, interleaved (16 independent accumulator chains per warp)
 #pragma unroll
         for (int h = 0; h < kMaxHC; ++h)
 #pragma unroll
           for (int n = 0; n < 4; ++n) acc[h][n][0] = acc[h][n][1] = acc[h][n][2] = acc[h][n][3] = 0;
 #pragma unroll
-        for (int kk = 0; kk < D / 32; ++kk) {
+        for (int kk = 0; kk < IB / 32; ++kk) {
           uint32_t kf[2][4];
 #pragma unroll
           for (int np = 0; np < 2; ++np) {
@@ -325,12 +311,12 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
             if (!((need >> h) & 1u)) continue;  // uniform
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
-              mma_s8_16832(acc[h][2 * np], qa[h][kk], kf[np][0], kf[np][1]);
-              mma_s8_16832(acc[h][2 * np + 1], qa[h][kk], kf[np][2], kf[np][3]);
+              mma_int<I4>(acc[h][2 * np], qa[h][kk], kf[np][0], kf[np][1]);
+              mma_int<I4>(acc[h][2 * np + 1], qa[h][kk], kf[np][2], kf[np][3]);
             }
           }
         }
-#endif
+        }
         float2 skv[4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
@@ -339,18 +325,18 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
                                 fmaxf(fmaxf(skv[2].x, skv[2].y), fmaxf(skv[3].x, skv[3].y)));
 #pragma unroll
         for (int h = 0; h < kMaxHC; ++h) {
-#ifdef SALE_WGMMA
-          if (h == 0) wgmma_wait<kMaxHC - 1>();
-          else if (h == 1) wgmma_wait<kMaxHC - 2>();
-          else if (h == 2) wgmma_wait<kMaxHC - 3>();
-          else wgmma_wait<0>();
-          reg_fence(acc[h]);
-#endif
+          if constexpr (WG) {
+            if (h == 0) wgmma_wait<kMaxHC - 1>();
+            else if (h == 1) wgmma_wait<kMaxHC - 2>();
+            else if (h == 2) wgmma_wait<kMaxHC - 3>();
+            else wgmma_wait<0>();
+            reg_fence(acc[h]);
+          }
           if (!((need >> h) & 1u)) continue;  // uniform
-#ifdef SALE_WGMMA
-          // another warp already selected this block for head h (one shared load, uniform within the warp)
-          if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) continue;
-#endif
+          if constexpr (WG) {
+            // another warp already selected this block for head h (one shared load, uniform within the warp)
+            if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) continue;
+          }
           const float* qms = sks + (1 + h) * kTileKeys;
           float2 qmv[4];
 #pragma unroll
@@ -417,32 +403,40 @@ __global__ void __launch_bounds__(kThreads, SALE_SELECT_MIN_CTAS) sale_select_ke
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool I4>
 static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
+  constexpr int IB = I4 ? D / 2 : D;
   constexpr int RB = D * 2;
   constexpr int REGION_A = kBlockQ * RB + kBlockK * RB;
-  constexpr int REGION_B = kStagesB * (kTileKeys * (D + 16) + (1 + kMaxHC) * kTileKeys * 4);
+  constexpr int REGION_B = kStagesB * (kTileKeys * (IB + 16) + (1 + kMaxHC) * kTileKeys * 4);
   constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   const int G = p.Hq / p.Hkv;
   const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
-  // the int8 Q tiles in shared memory: sm_90a builds only (the backend builds sm_90a for compute capability 9.0)
+  // the int8 Q tiles in shared memory: the wgmma path of sm_90a builds only (the backend builds sm_90a for
+  // compute capability 9.0)
   int dev = 0, major = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (e != cudaSuccess) return e;
-  const int qi_bytes = major == 9 ? kMaxHC * kBlockQ * D : 0;
+  const int qi_bytes = (major == 9 && !I4) ? kMaxHC * kBlockQ * D : 0;
   const int smem = REGION + qi_bytes + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
-  e = cudaFuncSetAttribute(sale_select_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  e = cudaFuncSetAttribute(sale_select_kernel<T, D, I4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq / HC, p.B);
-  sale_select_kernel<T, D><<<grid, kThreads, smem, s>>>(p, HC);
+  sale_select_kernel<T, D, I4><<<grid, kThreads, smem, s>>>(p, HC);
   return cudaGetLastError();
 }
 
-cudaError_t launch_select(const SelectParams& p, int D, bool bf16, cudaStream_t stream) {
-  if (D == 64) return bf16 ? select_dispatch<__nv_bfloat16, 64>(p, stream) : select_dispatch<__half, 64>(p, stream);
+template <typename T, int D>
+static cudaError_t select_bits(const SelectParams& p, bool int4, cudaStream_t s) {
+  return int4 ? select_dispatch<T, D, true>(p, s) : select_dispatch<T, D, false>(p, s);
+}
+
+cudaError_t launch_select(const SelectParams& p, int D, bool bf16, bool int4, cudaStream_t stream) {
+  if (D == 64)
+    return bf16 ? select_bits<__nv_bfloat16, 64>(p, int4, stream) : select_bits<__half, 64>(p, int4, stream);
   if (D == 128)
-    return bf16 ? select_dispatch<__nv_bfloat16, 128>(p, stream) : select_dispatch<__half, 128>(p, stream);
+    return bf16 ? select_bits<__nv_bfloat16, 128>(p, int4, stream) : select_bits<__half, 128>(p, int4, stream);
   return cudaErrorInvalidValue;
 }
 
