@@ -63,8 +63,8 @@ def coarsen_block_map(block_map: torch.Tensor, fq: int, fk: int) -> torch.Tensor
 def kv_block_lists(block_map: torch.Tensor, full_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [B, H, nQ, nK] -> (kv_num_blocks int32 [B, H, nQ], kv_indices int32 [B, H, nQ, width]).
 
-    Indices ascending; width = the largest count (at least 1), or nK with ``full_width`` (what BlockMask's
-    dense conversions, and so eager FlexAttention, expect); entries past a row's count are 0 (unused)."""
+    Indices ascending; width = the largest count (at least 1), or nK with ``full_width`` (what FlexAttention's
+    BlockMask expects); entries past a row's count are 0 (unused)."""
     *lead, nK = block_map.shape
     flat = block_map.reshape(-1, nK)
     num = flat.sum(-1, dtype=torch.int32)
@@ -91,16 +91,18 @@ def flex_block_mask(block_map: torch.Tensor, L: int, block_q: int, block_k: int)
     """FlexAttention ``BlockMask`` computing exactly the keys of ``block_map`` (causal, Lq == Lk == L).
 
     Blocks wholly below the diagonal are full blocks (no mask_mod); the others carry the causal mask_mod. The
-    compiled (CUDA) kernel skips unlisted blocks, so causality is all its mask_mod needs, and its index lists are
-    only as wide as the longest row (rows are read by stride). Eager FlexAttention (other devices) evaluates the
-    mask_mod everywhere and expands the lists to dense, so there the mask_mod reads the map and lists are nK wide.
+    compiled kernels skip unlisted blocks, so causality is all their mask_mod needs; eager FlexAttention (used
+    off CUDA) evaluates the mask_mod everywhere, so there it reads the map as well. FlexAttention takes an index
+    list's width as the number of key blocks, so the lists are nK wide: 4 bytes per (head, query block, key
+    block) each, 1 GiB per list at 128K tokens, 32 heads and 64x32 blocks (the CUDA compute pass reads the
+    32 MiB bitmap instead).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     full = _full_blocks(L, block_q, block_k, block_map.device)
+    num_full, idx_full = kv_block_lists(block_map & full, full_width=True)
+    num_part, idx_part = kv_block_lists(block_map & ~full, full_width=True)
     eager = not block_map.is_cuda
-    num_full, idx_full = kv_block_lists(block_map & full, eager)
-    num_part, idx_part = kv_block_lists(block_map & ~full, eager)
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
@@ -123,7 +125,7 @@ def _flex_fn(device_type: str):
     if device_type != "cuda":
         return flex_attention
     if "cuda" not in _compiled:
-        _compiled["cuda"] = torch.compile(flex_attention, dynamic=False)
+        _compiled["cuda"] = torch.compile(flex_attention)
     return _compiled["cuda"]
 
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call for the CUDA kernels: install the checkout, build the extension, then the stages named in
+# STAGES (default "tests sanitize bench"):
+#   tests     pytest tests/test_cuda_kernel.py (+ the real Q/K/V file in results/qkv if carried) and
+#             tests/test_block_sparse.py, tests/test_gpu_runner.py
+#   sanitize  compute-sanitizer memcheck (and racecheck) on scripts/sanitize_case.py
+#   profile   ncu on one selection and one computation launch (structured data, PROFILE_LENGTH tokens)
+#   bench     sale bench-op with BENCH_ARGS
+# Usage (repo root, on the GPU machine): OUT=/some/dir STAGES="tests bench" BENCH_ARGS="--lengths 32768" \
+#   bash scripts/device_kernel_suite.sh
+set -o pipefail
+export PYTHONUNBUFFERED=1 MAX_JOBS=16
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${STAGES:-tests sanitize bench}
+t0=$(date +%s)
+stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
+python3 -c "from sale_cli.kernels import cuda_backend as c; print('available:', c.available())" 2>&1 | tail -3
+stamp build
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has tests; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -W ignore::UserWarning \
+    tests/test_cuda_kernel.py tests/test_block_sparse.py tests/test_gpu_runner.py ${TEST_ARGS:-} 2>&1 \
+    | tee "$OUT/tests.log" | grep -E "passed|failed|error|differing|FAIL|Error" | tail -40
+  stamp tests
+fi
+if has sanitize; then
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  timeout 200 "$CS" --tool memcheck --error-exitcode 9 python3 scripts/sanitize_case.py 2>&1 | tee "$OUT/memcheck.log" | tail -4
+  echo "memcheck exit: $?"
+  timeout 150 "$CS" --tool racecheck --error-exitcode 9 python3 scripts/sanitize_case.py --racecheck 2>&1 | tee "$OUT/racecheck.log" | tail -4
+  echo "racecheck exit: $?"
+  stamp sanitize
+fi
+if has profile; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for kern in sale_select_kernel sale_compute_kernel; do
+    timeout 150 "$NCU" -k regex:$kern -c 1 --set full python3 scripts/profile_kernels.py --length ${PROFILE_LENGTH:-32768} \
+      >"$OUT/ncu_$kern.txt" 2>&1
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc|Stall|stall|L1/TEX Hit|Shared" "$OUT/ncu_$kern.txt" | head -40
+  done
+  stamp profile
+fi
+if has bench; then
+  timeout ${BENCH_TIMEOUT:-400} python3 -m sale_cli.cli bench-op --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -60
+  stamp bench
+fi
