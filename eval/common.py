@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import tempfile
 from collections.abc import Callable, Iterable
@@ -12,10 +13,28 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import typer
+
 
 def load_spec(name: str) -> dict:
     """A bundled JSON file from `sale_cli.data/prompts/` (official templates and generation lengths)."""
     return json.loads(resources.files("sale_cli.data").joinpath("prompts").joinpath(name).read_text(encoding="utf-8"))
+
+
+def split_values(values: list[str] | None, cast: Callable[[str], Any], option: str) -> list[Any]:
+    """Items of a repeatable option whose values may also be comma- or space-separated lists."""
+    items = []
+    for value in values or []:
+        for item in re.split(r"[,\s]+", value.strip()):
+            if not item:
+                continue
+            try:
+                items.append(cast(item))
+            except ValueError as exc:
+                raise typer.BadParameter(
+                    f"{item!r} is not a valid {cast.__name__}", param_hint=option
+                ) from exc
+    return items
 
 
 def parse_names(values: Iterable[str] | None, known: list[str], default: list[str], option: str) -> list[str]:

@@ -1,35 +1,17 @@
 """The `sale latency` command: needle-in-a-haystack prefill timing, dense vs SALE side by side."""
 
-import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from sale_cli import demo_model
 from sale_cli.eval import niah
-from sale_cli.eval.common import atomic_write_json
+from sale_cli.eval.common import atomic_write_json, split_values
 
 METHODS = ("dense", "sale")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
-
-
-def _split(values: list[str] | None, cast: Callable[[str], Any], option: str) -> list[Any]:
-    """Items of a repeatable option whose values may also be comma- or space-separated lists."""
-    items = []
-    for value in values or []:
-        for item in re.split(r"[,\s]+", value.strip()):
-            if not item:
-                continue
-            try:
-                items.append(cast(item))
-            except ValueError as exc:
-                raise typer.BadParameter(
-                    f"{item!r} is not a valid {cast.__name__}", param_hint=option
-                ) from exc
-    return items
 
 
 def latency(
@@ -132,7 +114,7 @@ def latency(
     density and quantization/selection overhead where the kernel tells it.
     Writes RESULTS_DIR/EXP/latency.json.
     """
-    method_list = _split(methods, str, "--methods") or list(METHODS)
+    method_list = split_values(methods, str, "--methods") or list(METHODS)
     unknown = [m for m in method_list if m not in METHODS]
     if unknown or len(set(method_list)) != len(method_list):
         raise typer.BadParameter(
@@ -142,8 +124,8 @@ def latency(
     try:
         length_list = niah.resolve_lengths(
             length,
-            _split(fractions, float, "--fractions") or DEFAULT_FRACTIONS,
-            _split(lengths, int, "--lengths"),
+            split_values(fractions, float, "--fractions") or DEFAULT_FRACTIONS,
+            split_values(lengths, int, "--lengths"),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--length/--fractions/--lengths") from exc

@@ -118,11 +118,15 @@ def demo(
 
 
 def _register_tasks():
+    from sale_cli.eval.bench_op import bench_op
     from sale_cli.eval.commands import infinitebench, longbench, summarize
     from sale_cli.eval.latency_command import latency
 
-    for fn in (latency, longbench, infinitebench, summarize):
+    for fn in (latency, bench_op, longbench, infinitebench, summarize):
         app.command()(fn)
 
 
 _register_tasks()
+
+if __name__ == "__main__":
+    app()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: install the checkout, build the CUDA extension, run the GPU tests, then `sale latency` on a
-# Llama-3.1-8B-shaped model with random weights. Usage on the GPU machine: OUT=/dir bash scripts/device_check.sh
+# One device call: install the checkout, build the CUDA extension, run the GPU tests, `sale bench-op` (the op
+# alone), then `sale latency` on a Llama-3.1-8B-shaped model with random weights.
+# Usage on the GPU machine: OUT=/dir bash scripts/device_check.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,8 +10,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WAR
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 sale info 2>&1 | tail -20
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernel.py tests/test_gpu_runner.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout 200 python3 -m sale_cli.kernels.bench_kernel --lengths 32768 131072 --taus 0.004 --data structured random \
-  --reps 5 --out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench.log" | tail -12
+timeout 300 sale bench-op --lengths 32768,131072 --taus 0.004 --data structured,random --reps 5 \
+  --out "$OUT/bench_op.json" 2>&1 | tee "$OUT/bench.log" | grep "^|"
 LENGTHS=${LENGTHS:-8192,32768,131072}
 python3 - <<'PY'
 import torch

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call: build the SALE CUDA extension, run its tests, run the kernel benchmark (dense cuDNN SDPA on
-# the same data as the baseline).
+# One device call: build the SALE CUDA extension, run its tests, run the op benchmark (`sale bench-op`, int8
+# estimate and our compute pass only, against cuDNN and flash SDPA on the same data).
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash scripts/device_cuda_kernel.sh
-# Options (environment): REPS (default 3); LENGTHS_A / DATA_A (default "8192 32768" / "random structured
-# uniform_peaked") and LENGTHS_B / DATA_B (default 131072 / "structured random") for the two benchmark runs;
+# Options (environment): REPS (default 3); LENGTHS_A / DATA_A (default "8192 32768" / "random structured") and
+# LENGTHS_B / DATA_B (default 131072 / "structured random") for the two benchmark runs;
 # BASE=dir: also build a baseline (the repo's kernels/ with the files of dir copied over kernels/csrc, own
 # extension cache), benchmark it on the same data, and compare the selection bitmaps of both builds word for
 # word (MAPS_LENGTHS / MAPS_DATA, default 32768 131072 / structured random); the baseline benchmark runs
@@ -13,8 +13,10 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import pytest" 2>/dev/null || { python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; }
-# the device copy is not pip-installed: map sale_cli.kernels -> kernels/ (cwd's sale_cli shadows PYTHONPATH)
+# the device copy is not pip-installed: map sale_cli.kernels -> kernels/ and sale_cli.eval -> eval/ (cwd's sale_cli
+# shadows PYTHONPATH)
 [ -e sale_cli/kernels ] || ln -s ../kernels sale_cli/kernels
+[ -e sale_cli/eval ] || ln -s ../eval sale_cli/eval
 REPO=$PWD
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
@@ -24,21 +26,22 @@ echo "build: $(( $(date +%s) - t0 )) s"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda_kernel.py 2>&1 | tee "$OUT/test.log" | tail -40 \
   || echo "== tests FAILED (full log: $OUT/test.log)"
 echo "tests done: $(( $(date +%s) - t0 )) s"
-B="python3 -m sale_cli.kernels.bench_kernel --taus 0.004 --reps ${REPS:-3}"
-timeout 130 $B --lengths ${LENGTHS_A:-8192 32768} --data ${DATA_A:-random structured uniform_peaked} --out "$OUT/bench_a.json" 2>&1 | tee "$OUT/bench_a.log" | grep -v "^|"
+B="python3 -m sale_cli.cli bench-op --taus 0.004 --reps ${REPS:-3} --estimates int8 --computes cuda --granularities none --sdpa cudnn,flash"
+timeout 150 $B --lengths "${LENGTHS_A:-8192 32768}" --data "${DATA_A:-random structured}" --out "$OUT/bench_a.json" 2>&1 | tee "$OUT/bench_a.log" | grep -v "^|"
 echo "bench a: $(( $(date +%s) - t0 )) s"
-timeout 110 $B --lengths ${LENGTHS_B:-131072} --data ${DATA_B:-structured random} --out "$OUT/bench_b.json" 2>&1 | tee "$OUT/bench_b.log" | grep -v "^|"
+timeout 150 $B --lengths "${LENGTHS_B:-131072}" --data "${DATA_B:-structured random}" --out "$OUT/bench_b.json" 2>&1 | tee "$OUT/bench_b.log" | grep -v "^|"
 echo "bench b: $(( $(date +%s) - t0 )) s"
 
 # selection bitmaps of the build imported from the cwd, saved (mode save) or compared word for word (compare)
 MAPS=$(cat <<'PY'
 import sys, torch
-from sale_cli.kernels import cuda_backend as cb, bench_kernel as bk
+from sale_cli.kernels import cuda_backend as cb
+from sale_cli.eval import bench_op
 mode, d, lengths, datas = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
 mod = cb._load()
 for L in map(int, lengths):
     for data in datas:
-        q, k, v = bk._make(L, 32, 8, 128, torch.bfloat16, data, seed=L)
+        q, k, v = bench_op.make_inputs(data, L, 32, 8, 128, torch.bfloat16, seed=L)
         tau = torch.full((32,), 0.004, device="cuda")
         scale = 1.0 / 128 ** 0.5
         kint, sk, qint, sq, qm, qkm = mod.quantize(q, k, 0, scale)
@@ -60,7 +63,8 @@ if [ -n "${BASE:-}" ]; then
   timeout 90 python3 -c "$MAPS" save /tmp/maps "$ML" "$MD" 2>&1 | tail -3
   echo "maps saved: $(( $(date +%s) - t0 )) s"
   rm -rf /tmp/basetree && mkdir -p /tmp/basetree && cp -r sale_cli /tmp/basetree/ && rm -f /tmp/basetree/sale_cli/kernels \
-    && cp -r kernels /tmp/basetree/sale_cli/kernels && cp "$BASE"/* /tmp/basetree/sale_cli/kernels/csrc/
+    /tmp/basetree/sale_cli/eval && cp -r kernels /tmp/basetree/sale_cli/kernels && cp -r eval /tmp/basetree/sale_cli/eval \
+    && cp "$BASE"/* /tmp/basetree/sale_cli/kernels/csrc/
   (
     cd /tmp/basetree && export PYTHONPATH=/tmp/basetree:${PYTHONPATH#$REPO:} TORCH_EXTENSIONS_DIR=/tmp/ext_base
     python3 -c "from sale_cli.kernels import cuda_backend as c; print('baseline available:', c.available(), c.__file__)" 2>&1 | tail -3
@@ -75,7 +79,7 @@ if [ "${FALLBACK:-0}" = 1 ] && [ -d /tmp/maps ]; then
   # the mma.sync path (what sm_80/sm_89 run): the same sources built for plain sm_90 (no wgmma), bitmaps
   # compared with the ones saved above
   rm -rf /tmp/fbtree && mkdir -p /tmp/fbtree && cp -r sale_cli /tmp/fbtree/ && rm -f /tmp/fbtree/sale_cli/kernels \
-    && cp -r kernels /tmp/fbtree/sale_cli/kernels \
+    /tmp/fbtree/sale_cli/eval && cp -r kernels /tmp/fbtree/sale_cli/kernels && cp -r eval /tmp/fbtree/sale_cli/eval \
     && sed -i 's/compute_90a,code=sm_90a/compute_90,code=sm_90/' /tmp/fbtree/sale_cli/kernels/cuda_backend.py
   (
     cd /tmp/fbtree && export PYTHONPATH=/tmp/fbtree:${PYTHONPATH#$REPO:} TORCH_EXTENSIONS_DIR=/tmp/ext_fb
