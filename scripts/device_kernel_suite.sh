@@ -4,7 +4,8 @@
 #   tests     pytest tests/test_cuda_kernel.py (+ the real Q/K/V file in results/qkv if carried) and
 #             tests/test_block_sparse.py, tests/test_gpu_runner.py
 #   sanitize  compute-sanitizer memcheck (and racecheck) on scripts/sanitize_case.py
-#   profile   ncu on one selection and one computation launch (structured data, PROFILE_LENGTH tokens)
+#   profile   ncu on one launch of each of PROFILE_KERNELS (default: selection and computation kernels;
+#             structured data, PROFILE_LENGTH tokens)
 #   bench     sale bench-op with BENCH_ARGS
 # Usage (repo root, on the GPU machine): OUT=/some/dir STAGES="tests bench" BENCH_ARGS="--lengths 32768" \
 #   bash scripts/device_kernel_suite.sh
@@ -35,7 +36,7 @@ if has sanitize; then
 fi
 if has profile; then
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  for kern in sale_select_kernel sale_compute_kernel; do
+  for kern in ${PROFILE_KERNELS:-sale_select_kernel sale_compute_kernel}; do
     timeout 150 "$NCU" -k regex:$kern -c 1 --set full python3 scripts/profile_kernels.py --length ${PROFILE_LENGTH:-32768} \
       >"$OUT/ncu_$kern.txt" 2>&1
     grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|Executed Ipc|Stall|stall|L1/TEX Hit|Shared" "$OUT/ncu_$kern.txt" | head -40
