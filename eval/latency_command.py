@@ -25,7 +25,7 @@ def latency(
     methods: Annotated[
         list[str] | None,
         typer.Option(
-            help="Methods to time, interleaved: dense, sale (comma-separated or repeated). [default: dense,sale]"
+            help="Methods to time, interleaved: dense, sale (comma-separated or repeated). \\[default: dense,sale]"
         ),
     ] = None,
     length: Annotated[
@@ -34,7 +34,7 @@ def latency(
     fractions: Annotated[
         list[str] | None,
         typer.Option(
-            help="Fractions of --length to time (comma-separated or repeated). [default: 1,0.5,0.25,0.125,0.0625]"
+            help="Fractions of --length to time (comma-separated or repeated). \\[default: 1,0.5,0.25,0.125,0.0625]"
         ),
     ] = None,
     lengths: Annotated[
@@ -51,7 +51,7 @@ def latency(
         typer.Option(
             exists=True,
             dir_okay=False,
-            help="UTF-8 .txt or .txt.gz haystack text. [default: the bundled novel Botchan, repeated as needed]",
+            help="UTF-8 .txt or .txt.gz haystack text. \\[default: the bundled novel Botchan, repeated as needed]",
         ),
     ] = None,
     needle: Annotated[
@@ -102,7 +102,7 @@ def latency(
         Path, typer.Option(help="Results root; writes RESULTS_DIR/EXP/latency.json.")
     ] = Path("results"),
     exp: Annotated[
-        str | None, typer.Option(help="Experiment name. [default: latency-<model name>]")
+        str | None, typer.Option(help="Experiment name. \\[default: latency-<model name>]")
     ] = None,
 ) -> None:
     """Needle-in-a-haystack prefill latency up to 128K tokens, dense vs SALE side by side.

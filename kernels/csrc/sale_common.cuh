@@ -170,13 +170,6 @@ __device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// float(x), exact for |x| < 2^22 (1.5 * 2^23 + x is a float with unit ulp): an integer add and a float add, both
-// full-rate, instead of I2F, which runs at 16 per clock per SM on sm_80-sm_90 (the selection converts every
-// accumulator; its int8 dot products are bounded by 127 * 127 * 128 < 2^21)
-__device__ __forceinline__ float small_int_to_float(int x) {
-  return __fsub_rn(__int_as_float(0x4B400000 + x), 12582912.0f);
-}
-
 // fast 2^x (ex2.approx.ftz): 2^-inf = +0
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

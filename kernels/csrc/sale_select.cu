@@ -353,16 +353,16 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
               am0 = max(am0, max(acc[h][n][0], acc[h][n][1]));
               am1 = max(am1, max(acc[h][n][2], acc[h][n][3]));
             }
-            const bool rb = (fmaf(sqr[h][0] * small_int_to_float(am0), skm, qmx) > pre[h][0]) |
-                            (fmaf(sqr[h][1] * small_int_to_float(am1), skm, qmx) > pre[h][1]);
+            const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
+                            (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
             if (!__any_sync(0xffffffffu, rb)) continue;
           }
           // prefilter
           bool cand = false;
 #pragma unroll
           for (int n = 0; n < 4; ++n) {
-            const float a0 = sqr[h][0] * small_int_to_float(acc[h][n][0]), a1 = sqr[h][0] * small_int_to_float(acc[h][n][1]);
-            const float a2 = sqr[h][1] * small_int_to_float(acc[h][n][2]), a3 = sqr[h][1] * small_int_to_float(acc[h][n][3]);
+            const float a0 = sqr[h][0] * (float)acc[h][n][0], a1 = sqr[h][0] * (float)acc[h][n][1];
+            const float a2 = sqr[h][1] * (float)acc[h][n][2], a3 = sqr[h][1] * (float)acc[h][n][3];
             cand |= (fmaf(a0, skv[n].x, qmv[n].x) > pre[h][0]) | (fmaf(a1, skv[n].y, qmv[n].y) > pre[h][0]) |
                     (fmaf(a2, skv[n].x, qmv[n].x) > pre[h][1]) | (fmaf(a3, skv[n].y, qmv[n].y) > pre[h][1]);
           }
@@ -373,10 +373,10 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           for (int n = 0; n < 4; ++n) {
             const float s0 = __fmul_rn(sqr[h][0], skv[n].x), s1 = __fmul_rn(sqr[h][0], skv[n].y);
             const float s2 = __fmul_rn(sqr[h][1], skv[n].x), s3 = __fmul_rn(sqr[h][1], skv[n].y);
-            const float z0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, small_int_to_float(acc[h][n][0])), qmv[n].x));
-            const float z1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, small_int_to_float(acc[h][n][1])), qmv[n].y));
-            const float z2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, small_int_to_float(acc[h][n][2])), qmv[n].x));
-            const float z3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, small_int_to_float(acc[h][n][3])), qmv[n].y));
+            const float z0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, (float)acc[h][n][0]), qmv[n].x));
+            const float z1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, (float)acc[h][n][1]), qmv[n].y));
+            const float z2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, (float)acc[h][n][2]), qmv[n].x));
+            const float z3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, (float)acc[h][n][3]), qmv[n].y));
             pass |= (z0 > thr[h][0]) | (z1 > thr[h][0]) | (z2 > thr[h][1]) | (z3 > thr[h][1]);
           }
           if (__any_sync(0xffffffffu, pass) && lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
