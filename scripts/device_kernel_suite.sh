@@ -7,6 +7,8 @@
 #   profile   ncu on one launch of each of PROFILE_KERNELS (default: selection and computation kernels;
 #             structured data, PROFILE_LENGTH tokens)
 #   bench     sale bench-op with BENCH_ARGS
+#   latency   sale latency on a Llama-3.1-8B-shaped model with random weights and tau 0.004 everywhere, at
+#             LATENCY_LENGTHS (default 8192,32768,131072): the end-to-end measurement path
 # Usage (repo root, on the GPU machine): OUT=/some/dir STAGES="tests bench" BENCH_ARGS="--lengths 32768" \
 #   bash scripts/device_kernel_suite.sh
 set -o pipefail
@@ -46,4 +48,19 @@ fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-400} python3 -m sale_cli.cli bench-op --out "$OUT/bench_op.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -60
   stamp bench
+fi
+if has latency; then
+  python3 - <<'PY'
+import torch
+from sale_cli import thresholds
+from sale_cli.eval.niah import write_config_dir
+from sale_cli.options import SaleOptions
+cfg = write_config_dir("/tmp/llama8b", "llama-3.1-8b")
+thresholds.save("/tmp/llama8b_tau.safetensors", torch.full((cfg.num_hidden_layers, cfg.num_attention_heads), 0.004),
+                model="llama8b", theta=0.0, tau0=0.004, samples=0, tokens=0, options=SaleOptions())
+PY
+  timeout ${LATENCY_TIMEOUT:-300} python3 -m sale_cli.cli latency /tmp/llama8b --random-weights \
+    --thresholds /tmp/llama8b_tau.safetensors --lengths "${LATENCY_LENGTHS:-8192,32768,131072}" --repeats 3 \
+    --results-dir "$OUT" 2>&1 | tee "$OUT/latency.log" | tail -30
+  stamp latency
 fi
