@@ -133,6 +133,8 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   const int64_t nK = (L + sale::kBlockK - 1) / sale::kBlockK;
   const int64_t nW = (nK + 31) / 32;
   auto bits = at::empty({B, Hq, nQ, nW}, q.options().dtype(at::kInt));
+  // the row bound's qm: one max per (query head, key block)
+  auto qmb = qm.view({B, Hq, Lpad / sale::kBlockK, sale::kBlockK}).amax(-1).contiguous();
   auto pairs = at::zeros({B, Hq}, q.options().dtype(at::kInt));
   sale::SelectParams p{};
   p.q = q.data_ptr();
@@ -142,6 +144,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.ki = kint.data_ptr<int8_t>();
   p.sk = sk.data_ptr<float>();
   p.qm = qm.data_ptr<float>();
+  p.qmb = qmb.data_ptr<float>();
   p.qkm = qkm.data_ptr<float>();
   p.tau = tau.data_ptr<float>();
   p.bits = reinterpret_cast<uint32_t*>(bits.data_ptr<int>());
@@ -154,6 +157,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.nQ = (int)nQ;
   p.nK = (int)nK;
   p.nW = (int)nW;
+  p.nKpad = (int)(Lpad / sale::kBlockK);
   p.sink_tokens = (int)std::min<int64_t>(sink_tokens, L);
   p.local_window = (int)std::min<int64_t>(local_window, L);
   p.scale = (float)scale;

@@ -43,11 +43,12 @@ struct SelectParams {
   const int8_t* ki;     // [B, Hkv, Lpad, IB]
   const float* sk;      // [B, Hkv, Lpad]
   const float* qm;      // [B, Hq, Lpad]
+  const float* qmb;     // [B, Hq, nKpad]: max of qm over each key block (nKpad = Lpad / 32)
   const float* qkm;     // [B, Hq, Lpad] scale * q_i . kmean
   const float* tau;     // [Hq]
   uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed
   int* pairs;           // out [B, Hq] (zeroed by the caller): computed (qblock, kblock) pairs
-  int B, Hq, Hkv, L, Lpad, nQ, nK, nW;
+  int B, Hq, Hkv, L, Lpad, nQ, nK, nW, nKpad;
   int sink_tokens, local_window;
   float scale;
 };

@@ -209,6 +209,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const int8_t* kig = p.ki + (size_t)(b * p.Hkv + hkv) * p.Lpad * IB;
     const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.Lpad;
     const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.Lpad;
+    const float* qmbg = p.qmb + (size_t)(b * p.Hq + hq0) * p.nKpad;
     const uint32_t sB = smem_u32(smem);
     const uint32_t sQi = sB + REGION;  // wgmma path
     const unsigned char* sBp = smem;
@@ -317,6 +318,10 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           }
         }
         }
+        // per head, the largest qm over the whole block (row bound; loads overlap the tensor-core work)
+        float qmx[kMaxHC];
+#pragma unroll
+        for (int h = 0; h < kMaxHC; ++h) qmx[h] = (need >> h) & 1u ? __ldg(qmbg + (size_t)h * p.nKpad + kb) : 0.f;
         float2 skv[4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
@@ -333,6 +338,21 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
             reg_fence(acc[h]);
           }
           if (!((need >> h) & 1u)) continue;  // uniform
+          // row bound (2 tests per thread instead of 8 per row): with a = sq_i * acc_ij (rounded) and sk_j >= 0,
+          // fma(a, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone;
+          // sk over the thread's 8 keys, qm over the block), so when this bound fails the prefilter fails for
+          // every key of the row, and so does the exact test
+          {
+            int am0 = 0, am1 = 0;
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+              am0 = max(am0, max(acc[h][n][0], acc[h][n][1]));
+              am1 = max(am1, max(acc[h][n][2], acc[h][n][3]));
+            }
+            const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx[h]) > pre[h][0]) |
+                            (fmaf(sqr[h][1] * (float)am1, skm, qmx[h]) > pre[h][1]);
+            if (!__any_sync(0xffffffffu, rb)) continue;
+          }
           if constexpr (WG) {
             // another warp already selected this block for head h (one shared load, uniform within the warp)
             if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) continue;
@@ -341,22 +361,6 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           float2 qmv[4];
 #pragma unroll
           for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
-          // row bound (2 tests per thread instead of 8 per row): with a = sq_i * acc_ij (rounded) and sk_j >= 0,
-          // fma(a, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone),
-          // so when this bound fails the prefilter fails for every key of the row, and so does the exact test
-          {
-            const float qmx = fmaxf(fmaxf(fmaxf(qmv[0].x, qmv[0].y), fmaxf(qmv[1].x, qmv[1].y)),
-                                    fmaxf(fmaxf(qmv[2].x, qmv[2].y), fmaxf(qmv[3].x, qmv[3].y)));
-            int am0 = 0, am1 = 0;
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {
-              am0 = max(am0, max(acc[h][n][0], acc[h][n][1]));
-              am1 = max(am1, max(acc[h][n][2], acc[h][n][3]));
-            }
-            const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
-                            (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
-            if (!__any_sync(0xffffffffu, rb)) continue;
-          }
           // prefilter
           bool cand = false;
 #pragma unroll
