@@ -5,16 +5,19 @@
 //      stage 1; the original K is exact in the input dtype, a rounded smoothed copy would not be):
 //      m_i = max_j z_ij, l_i = sum_j exp(z_ij - m_i), visible keys only;
 //      per-row threshold thr_i = m_i + ln(tau) + ln(l_i) (+inf for rows past L), kept in shared memory.
-//   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the int8 estimate
-//      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j) with mma.sync m16n8k32 s8 (exact int32);
-//      the block is selected iff some row i and key j have zhat_ij > thr_i. Data flow:
-//      * every int8 K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC heads
-//        of the CTA; each warp loads the K fragments of a 32-key block once (ldmatrix) and runs the int8
-//        mma.sync of every head from registers (Qint fragments of all HC heads stay in registers);
-//      * cheap prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin (4 instructions per
-//        element); only a warp where some element passes the prefilter evaluates the exact reference-order
-//        expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding differences,
-//        so the prefilter never changes the selection);
+//   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the integer estimate
+//      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j), exact int32 dot products: int8 with
+//      wgmma m64n32k32 (sm_90a) or mma.sync m16n8k32, packed int4 with mma.sync m16n8k64; the block is selected
+//      iff some row i and key j have zhat_ij > thr_i. Data flow:
+//      * every integer K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC
+//        heads of the CTA (wgmma: Q tiles in shared memory, one chain per head per 32-key block, the tests of
+//        head h overlapping the MMAs of heads h+1..; mma.sync: K fragments loaded once per warp and k-step,
+//        Q fragments of all heads in registers, heads interleaved);
+//      * row bound, 2 tests per thread: fma(sq_i * max_j acc_ij, max sk over the thread's keys, max qm over
+//        the block) against the prefilter bound; only warps where it passes go on;
+//      * prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin; only a warp where some element
+//        passes it evaluates the exact reference-order expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i
+//        (the margin covers the rounding differences, so neither bound changes the selection);
 //      * a head skips a block already selected by another warp (early exit of the OR over the block).
 //   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
 //   tau == 0: every visible block.
