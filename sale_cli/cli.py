@@ -41,8 +41,13 @@ def info():
             table.add_row(f"GPU {i}", f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     else:
         table.add_row("GPUs", "none visible")
-    for name, status in available_backends().items():
+    backends = available_backends()
+    for name, status in backends.items():
         table.add_row(f"SALE backend: {name}", status)
+    if backends.get("cuda") == "available":
+        from sale_cli.kernels import cuda_backend
+
+        table.add_row("SALE compute pass (auto)", cuda_backend.default_compute())
     from sale_cli.runner import probe_dense_backend
 
     table.add_row("dense attention", probe_dense_backend())
