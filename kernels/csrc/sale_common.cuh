@@ -196,6 +196,17 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4));
 }
 
+// A warp's mma A fragments of its 16 rows (warp * 16 ..) of a swizzled 16-bit Q tile at shared address q_tile.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t q_tile, int warp, int lane, uint32_t (&qf)[D / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int row = warp * 16 + (lane % 16);
+    const int ch = kk * 2 + lane / 16;
+    ldmatrix_x4(q_tile + swz<D * 2>(row, ch), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+  }
+}
+
 // One warp's 16 x 32 tile of S = Q K^T: Q fragments of its 16 rows (qf, from ldmatrix) times 32 keys of a
 // swizzled 16-bit K tile at shared address k_tile (row = D * 2 bytes); fp32 accumulators s[n] per 8-key chunk.
 template <bool BF, int D>

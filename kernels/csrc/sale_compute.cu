@@ -98,12 +98,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
 
   // Q fragments (16 rows x D per warp) in registers
   uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int row = warp * 16 + (lane % 16);
-    const int ch = kk * 2 + lane / 16;
-    ldmatrix_x4(sQ + swz<RB>(row, ch), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
-  }
+  load_q_fragments<D>(sQ, warp, lane, qf);
 
   float o[D / 8][4];
 #pragma unroll

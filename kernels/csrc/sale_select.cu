@@ -105,12 +105,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       cp_async_wait<0>();
       __syncthreads();
       uint32_t qf[D / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int row = warp * 16 + (lane % 16);
-        const int ch = kk * 2 + lane / 16;
-        ldmatrix_x4(sQ + swz<RB>(row, ch), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
-      }
+      load_q_fragments<D>(sQ, warp, lane, qf);
       const float* qkmg = p.qkm + (size_t)(b * p.Hq + hq) * p.Lpad;
       const float c_a = qkmg[row_a], c_b = qkmg[row_b];
       float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
