@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import platform
 import shlex
 import statistics
 import sys
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sale_cli.eval.common import atomic_write_json, split_values
+from sale_cli.eval.common import atomic_write_json, software_versions, split_values
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_TAUS = (0.001, 0.004, 0.008)
@@ -532,8 +531,6 @@ def environment(ops: Ops) -> dict[str, Any]:
     """Device, software versions, date and command line of this run."""
     import torch
 
-    from sale_cli import __version__
-
     try:
         import triton
 
@@ -544,12 +541,8 @@ def environment(ops: Ops) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(),
         "capability": f"{major}.{minor}",
-        "torch": torch.__version__,
+        **software_versions(),
         "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "sale": __version__,
-        "python": platform.python_version(),
         "default_compute": ops.cuda.default_compute(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),

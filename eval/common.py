@@ -21,6 +21,23 @@ def load_spec(name: str) -> dict:
     return json.loads(resources.files("sale_cli.data").joinpath("prompts").joinpath(name).read_text(encoding="utf-8"))
 
 
+def software_versions() -> dict[str, Any]:
+    """Versions of sale, Python, torch and its CUDA / cuDNN (None without a GPU) for a run's JSON."""
+    import platform
+
+    import torch
+
+    from sale_cli import __version__
+
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "sale": __version__,
+        "python": platform.python_version(),
+    }
+
+
 def split_values(values: list[str] | None, cast: Callable[[str], Any], option: str) -> list[Any]:
     """Items of a repeatable option whose values may also be comma- or space-separated lists."""
     items = []

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sale_cli.eval.common import software_versions
+
 BUNDLED_HAYSTACK = "haystack/botchan.txt.gz"
 DEFAULT_NEEDLE = "The secret number hidden in this story is 4817."
 DEFAULT_QUESTION = "What is the secret number hidden in this story?"
@@ -286,8 +288,6 @@ def environment(runner: Any) -> dict[str, Any]:
     import torch
     import transformers
 
-    from sale_cli import __version__
-
     device = torch.device(runner.device)
     gpus = (
         [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -302,12 +302,8 @@ def environment(runner: Any) -> dict[str, Any]:
         "gpus": gpus,
         "dense_backend": runner.dense_backend,
         "sale_backend": runner.sale_backend,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        **software_versions(),
         "transformers": transformers.__version__,
-        "sale": __version__,
-        "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
     }
