@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cuda_backend
 from .reference import sale_attention_reference
 
 ESTIMATES = ("int4", "int8", "none")
 QUANT_GROUPS = ("per_token", "per_block")
 BACKENDS = ("auto", "reference", "cuda")
-COMPUTES = ("auto", "cuda", "flex")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -59,8 +59,7 @@ def sale_attention(
     """
     tau = _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
                  dense_below, backend)
-    if compute not in COMPUTES:
-        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    cuda_backend.check_compute(compute)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     sink_tokens = block_k if sink_tokens is None else sink_tokens
@@ -72,8 +71,6 @@ def sale_attention(
                   estimate=estimate, quant_group=quant_group, need_block_map=return_block_map, need_lse=return_lse)
     timings = None
     if chosen == "cuda":
-        from . import cuda_backend
-
         if (dense or not bool(tau.any())) and not want_object:
             # exact dense attention (short input, or every head at tau 0): the fastest SDPA backend
             return _sdpa_dense(q, k, v, scale)
@@ -91,16 +88,8 @@ def sale_attention(
 
 def available_backends() -> dict[str, str]:
     """Backend name -> "available" or the reason it is not."""
-    ok, reason = _cuda_status()
+    ok, reason = cuda_backend.available()
     return {"reference": "available", "cuda": "available" if ok else reason}
-
-
-def _cuda_status() -> tuple[bool, str]:
-    try:
-        from . import cuda_backend
-    except ImportError as exc:
-        return False, f"the CUDA backend could not be imported ({exc})"
-    return cuda_backend.available()
 
 
 def _sdpa_dense(q, k, v, scale):
@@ -114,21 +103,17 @@ def _choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor, **options) -
     """The backend for a call: "cuda" when asked or (auto) when it supports the call, else "reference"."""
     if backend == "reference":
         return "reference"
-    ok, reason = _cuda_status()
+    ok, reason = cuda_backend.available()
     if backend == "cuda":
         if not q.is_cuda:
             raise ValueError("backend='cuda' needs CUDA tensors; q is on " + str(q.device))
         if not ok:
             raise ValueError(f"backend='cuda' is not available: {reason}")
-        from . import cuda_backend
-
         supported, why = cuda_backend.supports(q, k, **options)
         if not supported:
             raise ValueError(f"backend='cuda' does not support this call: {why}")
         return "cuda"
     if q.is_cuda and ok:
-        from . import cuda_backend
-
         if cuda_backend.supports(q, k, **options)[0]:
             return "cuda"
     return "reference"

@@ -123,6 +123,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, es
     return True, "supported"
 
 
+def check_compute(compute: str) -> None:
+    """ValueError unless ``compute`` names a computation pass."""
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+
+
 def default_compute() -> str:
     """The computation pass ``compute="auto"`` uses on the current GPU: "cuda" or "flex"."""
     major, _ = torch.cuda.get_device_capability()
@@ -228,8 +234,7 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     "flex" or "auto" (``default_compute()``). ``stop_after`` "quant" or "select" ends the call after that stage
     (for timing the stages): out and lse are then None, and after "quant" so are the map and the density.
     """
-    if compute not in COMPUTES:
-        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    check_compute(compute)
     if stop_after not in STOP_AFTER:
         raise ValueError(f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
     if sink_tokens is None:
