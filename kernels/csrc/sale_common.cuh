@@ -140,6 +140,11 @@ constexpr bool kWgmmaArch = false;
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
 }
+// the same for the 128-byte swizzle layout (atoms of 8 rows x 128 bytes, 16-byte chunk c of row r stored at chunk
+// c ^ (r % 8); atoms 1024-byte aligned)
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return wgmma_desc(saddr, lbo, sbo) | (1ull << 62);
+}
 __device__ __forceinline__ void wgmma_fence() { SALE_WGMMA_ASM("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
   SALE_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -168,6 +173,84 @@ __device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t d
         "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]),
         "+r"(d[3][2]), "+r"(d[3][3])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// fp16/bf16 wgmma with A (64 rows x 16, fp16/bf16) from registers: per warp (rows 16 * warp + 0..15) the A
+// fragment of mma.m16n8k16; B from shared memory (no swizzle); fp32 accumulators d[n8 chunk][4] in mma.sync's C
+// layout; TR "1": B MN-major (transposed). The macros name the operands d, a, desc_b and accumulate.
+#define SALE_WGMMA_RS_N64(DT, TR)                                                                                   \
+  SALE_WGMMA_ASM(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " "                                                   \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"                                                      \
+      ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "                                         \
+      "{%32, %33, %34, %35}, %36, p, 1, 1, " TR ";\n}\n"                                                            \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                                 \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                                 \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                                 \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                                 \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                                 \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                                 \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                                 \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
+#define SALE_WGMMA_RS_N128(DT, TR)                                                                                  \
+  SALE_WGMMA_ASM(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                                  \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." DT "." DT " "                                                  \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"                                                      \
+      ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"                                            \
+      ",%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"                                            \
+      ",%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "                                         \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, " TR ";\n}\n"                                                            \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                                 \
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                                 \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                                 \
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                                 \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                                 \
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                                 \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                                 \
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),                                                 \
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),                                                 \
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),                                                 \
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),                                             \
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),                                             \
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),                                             \
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),                                             \
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),                                             \
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])                                              \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+
+// S (64 x 64) = Q K^T over 16 channels: B = 64 keys x 16 channels, K-major
+template <bool BF>
+__device__ __forceinline__ void wgmma_qk_n64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  if constexpr (BF) {
+    SALE_WGMMA_RS_N64("bf16", "0");
+  } else {
+    SALE_WGMMA_RS_N64("f16", "0");
+  }
+}
+// O (64 x D) += P V over 16 keys: B = 16 keys x D channels, MN-major (stored key-row-major)
+template <bool BF, int D>
+__device__ __forceinline__ void wgmma_pv(float (&d)[D / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  constexpr int accumulate = 1;
+  static_assert(D == 64 || D == 128, "head dim 64 or 128");
+  if constexpr (D == 64 && BF) {
+    SALE_WGMMA_RS_N64("bf16", "1");
+  } else if constexpr (D == 64) {
+    SALE_WGMMA_RS_N64("f16", "1");
+  } else if constexpr (BF) {
+    SALE_WGMMA_RS_N128("bf16", "1");
+  } else {
+    SALE_WGMMA_RS_N128("f16", "1");
+  }
+}
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&d)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+    asm volatile("" : "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])::"memory");
 }
 
 // fast 2^x (ex2.approx.ftz): 2^-inf = +0

@@ -1,8 +1,14 @@
-// SALE stage 3: block-sparse causal attention (FlashAttention-2 style) over the key blocks marked in the
-// per-(b, hq, query block) bitmap written by the selection pass.
-//   CTA = one 64-row query block, 4 warps x 16 rows; 32-key K/V tiles, cp.async 3-stage pipeline,
-//   XOR-swizzled shared memory, ldmatrix, mma.sync m16n8k16 (fp16/bf16 -> fp32), online softmax in the
-//   log2 domain with the scale folded in. Writes o (input dtype) and lse (fp32, natural log) for every row.
+// SALE stage 3: block-sparse causal attention (FlashAttention style) over the key blocks marked in the
+// per-(b, hq, query block) bitmap written by the selection pass. One CTA per 64-row query block (4 warps x 16
+// rows), cp.async 3-stage K/V pipeline, online softmax in the log2 domain with the scale folded in; writes o
+// (input dtype) and lse (fp32, natural log) for every row. fp16/bf16 inputs, fp32 accumulation.
+//   sale_compute_kernel (sm_80 / sm_89, and sm_90 without the a-features): one 32-key block per tile,
+//     XOR-swizzled tiles, ldmatrix + mma.sync m16n8k16; the O accumulator is rescaled only when some row max
+//     of the warp moved.
+//   sale_compute_wg_kernel (sm_90a): the 4 warps are one warpgroup; two selected blocks per 64-key tile, S = Q K^T
+//     by wgmma m64n64k16 (Q from registers, K tile K-major) and O += P V by wgmma m64nDk16 (P from registers,
+//     V tile MN-major), tiles in the 128-byte swizzle layout; P V of tile t and Q K^T of tile t+1 are
+//     issued together, so the tensor cores run both chains back to back. 2 CTAs per SM.
 //   The softmax is invariant to the smoothing shift of K (K minus its per-channel mean), so the original K is
 //   used here: the same output as smoothed K, one rounding fewer, and lse is that of the original logits.
 #include "sale_common.cuh"
@@ -37,6 +43,7 @@ struct BitIter {
   }
 };
 
+// rows x D tile of 16-bit values (rows past nvalid zero-filled) in the XOR-swizzled row-major layout of ldmatrix
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(uint32_t sbase, const T* g, int rows, int nvalid, int tid) {
   constexpr int CPR = D / 8;
@@ -45,6 +52,112 @@ __device__ __forceinline__ void load_tile(uint32_t sbase, const T* g, int rows, 
     const bool ok = r < nvalid;
     const T* src = ok ? g + (size_t)r * D + c * 8 : g;
     cp_async16(sbase + swz<D * 2>(r, c), src, ok);
+  }
+}
+
+// the same in wgmma's 128-byte swizzle layout: 64-channel panels (panel_bytes apart) of 128-byte rows, chunk c of
+// row r at panel c / 8, row r, chunk (c % 8) ^ (r % 8); sbase + panel offsets 1024-byte aligned
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_sw128(uint32_t sbase, const T* g, int rows, int nvalid, int panel_bytes,
+                                                int tid) {
+  constexpr int CPR = D / 8;
+  for (int i = tid; i < rows * CPR; i += kThreads) {
+    const int r = i / CPR, c = i % CPR;
+    const bool ok = r < nvalid;
+    const T* src = ok ? g + (size_t)r * D + c * 8 : g;
+    cp_async16(sbase + (c / 8) * panel_bytes + r * 128 + (((c % 8) ^ (r % 8)) << 4), src, ok);
+  }
+}
+
+// Online softmax of one warp's rows row_a = g and row_b = g + 8 over NC 8-key chunks of raw logits s (masked
+// entries -inf): the running max m (log2 domain, scale folded in) and sum l are updated and s becomes
+// P = exp2(scale * s - m). Returns whether O must be rescaled by corr (some row max of the warp moved; after
+// the first tiles that is rare).
+template <int NC>
+__device__ __forceinline__ bool softmax_p(float (&s)[NC][4], float scale, float& m_a, float& m_b, float& l_a,
+                                          float& l_b, float& corr_a, float& corr_b) {
+  float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
+    mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
+  }
+  const float mn_a = fmaxf(m_a, quad_max(mx_a) * scale), mn_b = fmaxf(m_b, quad_max(mx_b) * scale);
+  const float mu_a = (mn_a == -INFINITY) ? 0.f : mn_a;
+  const float mu_b = (mn_b == -INFINITY) ? 0.f : mn_b;
+  corr_a = fast_exp2(m_a - mu_a);
+  corr_b = fast_exp2(m_b - mu_b);
+  const bool rescale = __any_sync(0xffffffffu, (mn_a != m_a) | (mn_b != m_b));
+  m_a = mn_a;
+  m_b = mn_b;
+  float ps_a = 0.f, ps_b = 0.f;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    s[n][0] = fast_exp2(fmaf(s[n][0], scale, -mu_a));
+    s[n][1] = fast_exp2(fmaf(s[n][1], scale, -mu_a));
+    s[n][2] = fast_exp2(fmaf(s[n][2], scale, -mu_b));
+    s[n][3] = fast_exp2(fmaf(s[n][3], scale, -mu_b));
+    ps_a += s[n][0] + s[n][1];
+    ps_b += s[n][2] + s[n][3];
+  }
+  l_a = l_a * corr_a + ps_a;
+  l_b = l_b * corr_b + ps_b;
+  return rescale;
+}
+
+template <int ND>
+__device__ __forceinline__ void rescale_o(float (&o)[ND][4], float corr_a, float corr_b) {
+#pragma unroll
+  for (int n = 0; n < ND; ++n) {
+    o[n][0] *= corr_a;
+    o[n][1] *= corr_a;
+    o[n][2] *= corr_b;
+    o[n][3] *= corr_b;
+  }
+}
+
+// Causal mask of one 8-key chunk (keys key0 + 2t + {0, 1}) for rows row_a (e 0, 1) and row_b = row_a + 8 (e 2, 3)
+__device__ __forceinline__ void mask_chunk(float (&x)[4], int key0, int t, int row_a) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e)
+    if (key0 + 2 * t + (e & 1) > row_a + (e < 2 ? 0 : 8)) x[e] = -INFINITY;
+}
+
+// P (16 keys per step, fp32 accumulator layout) -> the A fragments of mma.m16n8k16 / wgmma
+template <typename T, int NC>
+__device__ __forceinline__ void pack_p(const float (&s)[NC][4], uint32_t (&pa)[NC / 2][4]) {
+#pragma unroll
+  for (int ks = 0; ks < NC / 2; ++ks) {
+    pa[ks][0] = TypeTraits<T>::pack2(s[2 * ks][0], s[2 * ks][1]);
+    pa[ks][1] = TypeTraits<T>::pack2(s[2 * ks][2], s[2 * ks][3]);
+    pa[ks][2] = TypeTraits<T>::pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+    pa[ks][3] = TypeTraits<T>::pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+  }
+}
+
+// o / l for rows row_a, row_b (dropped past L) and lse (natural log) if requested
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const ComputeParams& p, int b, int hq, int row_a, int t,
+                                           const float (&o)[D / 8][4], float m_a, float m_b, float l_a, float l_b) {
+  const int row_b = row_a + 8;
+  l_a = quad_sum(l_a);
+  l_b = quad_sum(l_b);
+  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
+  const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+  T* og = reinterpret_cast<T*>(p.o) + (size_t)(b * p.Hq + hq) * p.L * D;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int ch = n * 8 + 2 * t;
+    if (row_a < p.L)
+      *reinterpret_cast<uint32_t*>(og + (size_t)row_a * D + ch) = TypeTraits<T>::pack2(o[n][0] * inv_a, o[n][1] * inv_a);
+    if (row_b < p.L)
+      *reinterpret_cast<uint32_t*>(og + (size_t)row_b * D + ch) = TypeTraits<T>::pack2(o[n][2] * inv_b, o[n][3] * inv_b);
+  }
+  if (p.lse != nullptr && t == 0) {
+    constexpr float LN2 = 0.69314718055994530942f;
+    float* lg = p.lse + (size_t)(b * p.Hq + hq) * p.L;
+    if (row_a < p.L) lg[row_a] = l_a > 0.f ? m_a * LN2 + logf(l_a) : -INFINITY;
+    if (row_b < p.L) lg[row_b] = l_b > 0.f ? m_b * LN2 + logf(l_b) : -INFINITY;
   }
 }
 
@@ -57,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   constexpr int KT = kBlockK;               // keys per tile
   constexpr int Q_BYTES = kBlockQ * RB;
   constexpr int KV_BYTES = KT * RB;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK = sQ + Q_BYTES;
   const uint32_t sV = sK + kStages * KV_BYTES;
@@ -104,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
-  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
+  const int row_a = r0 + warp * 16 + g;
 
   for (int it = 0;; ++it) {
     const int kb = cmp_it.next();
@@ -127,64 +240,19 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
     float s[4][4];
     warp_qk_16x32<BF, D>(qf, cK, lane, s);
 
-    // scale (log2 domain) + causal mask on blocks that reach past the block's first row
-    const bool need_mask = kb * KT + KT - 1 > r0;
-    float mx_a = -INFINITY, mx_b = -INFINITY;
+    // causal mask on blocks that reach past the block's first row, online softmax
+    if (kb * KT + KT - 1 > r0) {
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale_log2;
-        if (need_mask) {
-          const int key = kb * KT + n * 8 + 2 * t + (e & 1);
-          const int row = (e < 2) ? row_a : row_b;
-          if (key > row) x = -INFINITY;
-        }
-        s[n][e] = x;
-      }
-      mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
+      for (int n = 0; n < 4; ++n) mask_chunk(s[n], kb * KT + n * 8, t, row_a);
     }
-    mx_a = quad_max(mx_a);
-    mx_b = quad_max(mx_b);
-    const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-    const float mu_a = (mn_a == -INFINITY) ? 0.f : mn_a;
-    const float mu_b = (mn_b == -INFINITY) ? 0.f : mn_b;
-    const float corr_a = fast_exp2(m_a - mu_a), corr_b = fast_exp2(m_b - mu_b);
-    // rescale O only when some row max of the warp moved (after the first tiles it rarely does)
-    const bool rescale = __any_sync(0xffffffffu, (mn_a != m_a) | (mn_b != m_b));
-    m_a = mn_a;
-    m_b = mn_b;
-    float ps_a = 0.f, ps_b = 0.f;
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      s[n][0] = fast_exp2(s[n][0] - mu_a);
-      s[n][1] = fast_exp2(s[n][1] - mu_a);
-      s[n][2] = fast_exp2(s[n][2] - mu_b);
-      s[n][3] = fast_exp2(s[n][3] - mu_b);
-      ps_a += s[n][0] + s[n][1];
-      ps_b += s[n][2] + s[n][3];
-    }
-    l_a = l_a * corr_a + ps_a;
-    l_b = l_b * corr_b + ps_b;
-    if (rescale) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][0] *= corr_a;
-        o[n][1] *= corr_a;
-        o[n][2] *= corr_b;
-        o[n][3] *= corr_b;
-      }
-    }
+    float corr_a, corr_b;
+    if (softmax_p<4>(s, p.scale_log2, m_a, m_b, l_a, l_b, corr_a, corr_b)) rescale_o<D / 8>(o, corr_a, corr_b);
 
     // O += P V
+    uint32_t pa[2][4];
+    pack_p<T, 4>(s, pa);
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
-      uint32_t a[4];
-      a[0] = TypeTraits<T>::pack2(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = TypeTraits<T>::pack2(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = TypeTraits<T>::pack2(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = TypeTraits<T>::pack2(s[2 * ks + 1][2], s[2 * ks + 1][3]);
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         const int mi = lane / 8, r = lane % 8;
@@ -192,42 +260,161 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
         const int ch = dn * 2 + mi / 2;
         uint32_t b0, b1, b2, b3;
         ldmatrix_x4_trans(cV + swz<RB>(key, ch), b0, b1, b2, b3);
-        mma_16816<BF>(o[2 * dn], a, b0, b1);
-        mma_16816<BF>(o[2 * dn + 1], a, b2, b3);
+        mma_16816<BF>(o[2 * dn], pa[ks], b0, b1);
+        mma_16816<BF>(o[2 * dn + 1], pa[ks], b2, b3);
       }
     }
   }
   cp_async_wait<0>();
 
-  // epilogue
-  l_a = quad_sum(l_a);
-  l_b = quad_sum(l_b);
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
-  const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  T* og = reinterpret_cast<T*>(p.o) + (size_t)(b * p.Hq + hq) * p.L * D;
+  store_rows<T, D>(p, b, hq, row_a, t, o, m_a, m_b, l_a, l_b);
+}
+
+// sm_90a: 64-key tiles of two selected blocks (the second zero-filled and masked when the count is odd), wgmma.
+// Iteration t (S(t) in registers): softmax of S(t) into P(t); wait for tile t+1 and start loading tile t+2 into
+// the slot of tile t-1; rescale O; issue Q K^T(t+1) and P V(t) as one commit group and wait for it.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputeParams p) {
+  constexpr bool BF = TypeTraits<T>::kBF16;
+  constexpr int KT = 2 * kBlockK;           // keys per tile
+  constexpr int KV_BYTES = KT * D * 2;
+  constexpr int PANEL = KT * 128;           // bytes of one 64-channel panel of a K or V tile
+  constexpr int HALF = kBlockK * 128;       // the second block's rows start here in each panel
+  constexpr int CPR = D / 8;                // 16-byte chunks per row
+  constexpr int RP = kThreads / CPR;        // rows per pass of the CTA's threads (a multiple of 8)
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t sK = smem_u32(smem);  // the swizzle atoms must be 1024-byte aligned (checked below)
+  const uint32_t sV = sK + kStages * KV_BYTES;
+  const uint32_t sQ = sV + kStages * KV_BYTES;
+
+  const int qb = p.nQ - 1 - blockIdx.x;  // heavy (late) query blocks first
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hkv = hq / (p.Hq / p.Hkv);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int r0 = qb * kBlockQ;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + r0) * D;
+  const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D;
+  const T* vg = reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.L * D;
+  const uint32_t* bits = p.bits + ((size_t)(b * p.Hq + hq) * p.nQ + qb) * p.nW;
+  if (sK % 1024 != 0) __trap();
+
+  // this thread's 16-byte chunks of a block: rows lr + k * RP, chunk lc (128-byte swizzle: row % 8 = lr % 8)
+  const int lr = tid / CPR, lc = tid % CPR;
+  const uint32_t l_soff = (lc / 8) * PANEL + lr * 128 + (((lc % 8) ^ (lr % 8)) << 4);
+  const int l_goff = lr * D + lc * 8;
+  BitIter ld_it, cmp_it;
+  ld_it.init(bits, p.nW);
+  cmp_it.init(bits, p.nW);
+  // the next tile's two blocks from the loader's iterator, into slot
+  auto load_next = [&](int slot) {
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    const int ch = n * 8 + 2 * t;
-    if (row_a < p.L)
-      *reinterpret_cast<uint32_t*>(og + (size_t)row_a * D + ch) = TypeTraits<T>::pack2(o[n][0] * inv_a, o[n][1] * inv_a);
-    if (row_b < p.L)
-      *reinterpret_cast<uint32_t*>(og + (size_t)row_b * D + ch) = TypeTraits<T>::pack2(o[n][2] * inv_b, o[n][3] * inv_b);
+    for (int h = 0; h < 2; ++h) {
+      const int kb = ld_it.next();
+      const int nvalid = kb >= 0 ? p.L - kb * kBlockK : 0;
+      const size_t off = kb >= 0 ? (size_t)kb * kBlockK * D + l_goff : 0;
+      const uint32_t so = slot * KV_BYTES + h * HALF + l_soff;
+#pragma unroll
+      for (int k = 0; k < kBlockK / RP; ++k) {
+        const bool ok = lr + k * RP < nvalid;
+        cp_async16(sK + so + k * RP * 128, ok ? kg + off + k * RP * D : kg, ok);
+        cp_async16(sV + so + k * RP * 128, ok ? vg + off + k * RP * D : vg, ok);
+      }
+    }
+  };
+
+  load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
+  load_next(0);
+  cp_async_commit();
+  load_next(1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];
+  load_q_fragments<D>(sQ, warp, lane, qf);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+  const int row_a = r0 + warp * 16 + g;
+
+  // S = Q K^T of the tile in slot, into s (overwritten)
+  float s[8][4];
+  auto issue_qk = [&](int slot) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_qk_n64<BF>(s, qf[kk], wgmma_desc_sw128(sK + slot * KV_BYTES + (kk / 4) * PANEL + (kk % 4) * 32, 16, 1024),
+                       kk > 0);
+  };
+  // tile 0 (with no block at all, it is fully masked: o = 0, l = 0)
+  int kb0 = cmp_it.next();
+  int kb1 = cmp_it.next();
+  reg_fence(s);
+  wgmma_fence();
+  issue_qk(0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  reg_fence(s);
+  for (int it = 0;; ++it) {
+    // the second block missing (odd count) or keys past the causal limit -> -inf; softmax into P(it)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kb = h == 0 ? kb0 : kb1;
+      if (kb < 0) {
+#pragma unroll
+        for (int n = 4 * h; n < 4 * h + 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = -INFINITY;
+      } else if (kb * kBlockK + kBlockK - 1 > r0) {
+#pragma unroll
+        for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], kb * kBlockK + n * 8, t, row_a);
+      }
+    }
+    float corr_a, corr_b;
+    const bool rescale = softmax_p<8>(s, p.scale_log2, m_a, m_b, l_a, l_b, corr_a, corr_b);
+    uint32_t pa[4][4];
+    pack_p<T, 8>(s, pa);
+    kb0 = cmp_it.next();
+    kb1 = kb0 >= 0 ? cmp_it.next() : -1;
+
+    cp_async_wait<0>();  // tile it+1
+    fence_proxy_async_smem();
+    __syncthreads();     // every warp's P V(it-1) done: the slot of tile it-1 is free
+    load_next((it + 2) % kStages);
+    cp_async_commit();
+    if (rescale) rescale_o<D / 8>(o, corr_a, corr_b);
+
+    // P V(it) and Q K^T(it+1) back to back (one wait: a wgmma still in flight while the softmax reads or writes
+    // its registers makes ptxas serialize the wgmma pipeline, C7514/C7515)
+    reg_fence(o);
+    reg_fence(s);
+    wgmma_fence();
+    if (kb0 >= 0) issue_qk((it + 1) % kStages);
+    const uint32_t cV = sV + (it % kStages) * KV_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_pv<BF, D>(o, pa[ks], wgmma_desc_sw128(cV + ks * 2048, PANEL, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(o);
+    reg_fence(s);
+    if (kb0 < 0) break;
   }
-  if (p.lse != nullptr && t == 0) {
-    constexpr float LN2 = 0.69314718055994530942f;
-    float* lg = p.lse + (size_t)(b * p.Hq + hq) * p.L;
-    if (row_a < p.L) lg[row_a] = l_a > 0.f ? m_a * LN2 + logf(l_a) : -INFINITY;
-    if (row_b < p.L) lg[row_b] = l_b > 0.f ? m_b * LN2 + logf(l_b) : -INFINITY;
-  }
+  cp_async_wait<0>();
+  store_rows<T, D>(p, b, hq, row_a, t, o, m_a, m_b, l_a, l_b);
 }
 
 template <typename T, int D>
 static cudaError_t compute_dispatch(const ComputeParams& p, cudaStream_t s) {
-  constexpr int smem = kBlockQ * D * 2 + 2 * kStages * kBlockK * D * 2;
-  cudaError_t e = cudaFuncSetAttribute(sale_compute_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const bool wg = wgmma_device();
+  const int kt = wg ? 2 * kBlockK : kBlockK;
+  const int smem = kBlockQ * D * 2 + 2 * kStages * kt * D * 2;
+  auto kernel = wg ? sale_compute_wg_kernel<T, D> : sale_compute_kernel<T, D>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq, p.B);
-  sale_compute_kernel<T, D><<<grid, kThreads, smem, s>>>(p);
+  kernel<<<grid, kThreads, smem, s>>>(p);
   return cudaGetLastError();
 }
 

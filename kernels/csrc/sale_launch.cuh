@@ -10,6 +10,16 @@ constexpr int kBlockQ = 64;   // query rows per block (the only supported value)
 constexpr int kBlockK = 32;   // keys per block (the only supported value)
 constexpr int kColsumRows = 256;  // rows per partial column-sum chunk
 
+// Whether the current device runs the wgmma kernels: compute capability 9.0 gets the sm_90a build
+// (cuda_backend._arch_flag), every other device a build without wgmma.
+inline bool wgmma_device() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
 // ---- stage 1: quantization -----------------------------------------------------------------
 // partial[bh, chunk, c] = sum of x[bh, chunk*kColsumRows : ..., c]  (fp32, deterministic)
 cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, int nchunk, bool bf16,

@@ -33,6 +33,26 @@ constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
 constexpr int kMaxHC = 4;      // query heads per CTA
 }  // namespace
 
+// Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
+// and region B (stage B's integer K tiles with their sk / qm values, kStagesB deep) overlap; then, on the wgmma
+// path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap words (HC * nW, sized by
+// the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64 leaves half of each row
+// unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes (conflict-free ldmatrix).
+template <int D, bool I4, bool WG>
+struct SelectSmem {
+  static constexpr int IB = I4 ? D / 2 : D;  // bytes per quantized row
+  static constexpr int IRB = WG ? 128 : IB + 16;
+  static constexpr int IT_BYTES = kTileKeys * IRB;  // integer K tile
+  static constexpr int F_BYTES = kTileKeys * 4;     // sk / qm of a tile
+  static constexpr int ALIGN = WG ? 1024 : 16;
+  static constexpr int STAGE_B = (IT_BYTES + (1 + kMaxHC) * F_BYTES + ALIGN - 1) / ALIGN * ALIGN;
+  static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
+  static constexpr int REGION_B = kStagesB * STAGE_B;
+  static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
+  static constexpr int QI_BYTES = WG ? kMaxHC * kBlockQ * 128 : 0;
+  static constexpr int FIXED = REGION + QI_BYTES + kMaxHC * kBlockQ * 4;  // + HC * nW * 4 bitmap bytes
+};
+
 // I4: the estimate in packed int4 (two per byte, m16n8k64 s4 mma.sync; Hopper emulates it, so on sm_90 it is for
 // parity only); else int8. WG (sm_90a build, int8): the int8 Q tiles of stage B live in shared memory (wgmma
 // reads A and B from there), which frees the 64 registers of the A fragments: 3 CTAs per SM instead of 2.
@@ -40,22 +60,19 @@ template <typename T, int D, bool I4>
 __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p, int HC) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr bool WG = kWgmmaArch && !I4;
-  constexpr int IB = I4 ? D / 2 : D;  // bytes per quantized row
+  using SM = SelectSmem<D, I4, WG>;
+  constexpr int IB = SM::IB;
   constexpr int RB = D * 2;           // bytes per row (16-bit tiles)
-  constexpr int IRB = IB + 16;        // mma.sync path: bytes per integer row (padded: conflict-free ldmatrix)
-  constexpr int SBO = D * 8;          // wgmma path: bytes per 8-row group (core matrices 8 rows x 16 bytes)
+  constexpr int IRB = SM::IRB;
   constexpr int Q_BYTES = kBlockQ * RB;
-  constexpr int K_BYTES = kBlockK * RB;
-  constexpr int IT_BYTES = kTileKeys * IRB;       // int8 K tile (layout: see load_b)
-  constexpr int F_BYTES = kTileKeys * 4;          // sk / qm tile
-  constexpr int STAGE_B = IT_BYTES + (1 + kMaxHC) * F_BYTES;
-  constexpr int REGION_A = Q_BYTES + K_BYTES;
-  constexpr int REGION_B = kStagesB * STAGE_B;
-  constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
-  extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int QI_BYTES = WG ? kMaxHC * kBlockQ * D : 0;  // wgmma: int8 Q tiles of stage B, core-matrix layout
-  float* thr_s = reinterpret_cast<float*>(smem + REGION + QI_BYTES);                           // [kMaxHC][64]
-  uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + QI_BYTES + kMaxHC * kBlockQ * 4);  // [HC][nW]
+  constexpr int IT_BYTES = SM::IT_BYTES;
+  constexpr int F_BYTES = SM::F_BYTES;
+  constexpr int STAGE_B = SM::STAGE_B;
+  constexpr int REGION = SM::REGION;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  float* thr_s = reinterpret_cast<float*>(smem + REGION + SM::QI_BYTES);                           // [kMaxHC][64]
+  uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + REGION + SM::QI_BYTES + kMaxHC * kBlockQ * 4);  // [HC][nW]
+  if (WG && smem_u32(smem) % 1024 != 0) __trap();  // swizzle atoms must be 1024-byte aligned
 
   const int qb = p.nQ - 1 - blockIdx.x;
   const int hq0 = blockIdx.y * HC, b = blockIdx.z;
@@ -176,11 +193,11 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       if constexpr (WG) {
         if (act) {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
           const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
-          const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * D;
+          const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * 128;
           constexpr int ICPR = D / 16;
           for (int i = tid; i < kBlockQ * ICPR; i += kThreads) {
-            const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
-            cp_async16(base + i * 16, qig + (size_t)r * D + c * 16, true);
+            const int r = i / ICPR, c = i % ICPR;
+            cp_async16(base + r * 128 + ((c ^ (r % 8)) << 4), qig + (size_t)r * D + c * 16, true);
           }
         }
       } else {
@@ -218,11 +235,11 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       const uint32_t base = sB + slot * STAGE_B;
       constexpr int ICPR = IB / 16;
       if constexpr (WG) {
-        // key r, 16-byte chunk c at (r / 8) * SBO + c * 128 + (r % 8) * 16: each 8x16-byte core matrix is 128
-        // contiguous bytes (the wgmma K-major no-swizzle layout; conflict-free stores)
+        // key r, 16-byte chunk c at r * 128 + (c ^ (r % 8)) * 16 (the 128-byte swizzle; 8 consecutive threads
+        // fill one row: conflict-free)
         for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-          const int r = (i / (8 * ICPR)) * 8 + (i % 8), c = (i / 8) % ICPR;
-          cp_async16(base + i * 16, kig + (size_t)(key0 + r) * IB + c * 16, true);
+          const int r = i / ICPR, c = i % ICPR;
+          cp_async16(base + r * 128 + ((c ^ (r % 8)) << 4), kig + (size_t)(key0 + r) * IB + c * 16, true);
         }
       } else {
         for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
@@ -271,8 +288,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           if ((need >> h) & 1u) {  // uniform
 #pragma unroll
             for (int kk = 0; kk < D / 32; ++kk)
-              wgmma_s8_m64n32k32_ss(acc[h], wgmma_desc(sQi + h * kBlockQ * D + kk * 256, 128, SBO),
-                                    wgmma_desc(cKi + half * 4 * SBO + kk * 256, 128, SBO), kk > 0);
+              wgmma_s8_m64n32k32_ss(acc[h], wgmma_desc_sw128(sQi + h * kBlockQ * 128 + kk * 32, 16, 1024),
+                                    wgmma_desc_sw128(cKi + half * kBlockK * 128 + kk * 32, 16, 1024), kk > 0);
           }
           wgmma_commit();
         }
@@ -407,21 +424,12 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
 
 template <typename T, int D, bool I4>
 static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
-  constexpr int IB = I4 ? D / 2 : D;
-  constexpr int RB = D * 2;
-  constexpr int REGION_A = kBlockQ * RB + kBlockK * RB;
-  constexpr int REGION_B = kStagesB * (kTileKeys * (IB + 16) + (1 + kMaxHC) * kTileKeys * 4);
-  constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   const int G = p.Hq / p.Hkv;
   const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
-  // the int8 Q tiles in shared memory: the wgmma path of sm_90a builds only (the backend builds sm_90a for
-  // compute capability 9.0)
-  int dev = 0, major = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (e != cudaSuccess) return e;
-  const int qi_bytes = (major == 9 && !I4) ? kMaxHC * kBlockQ * D : 0;
-  const int smem = REGION + qi_bytes + kMaxHC * kBlockQ * 4 + HC * p.nW * 4;
+  // the wgmma path (int8 Q tiles in shared memory, 128-byte swizzle) exists in sm_90a builds only
+  const int fixed = (wgmma_device() && !I4) ? SelectSmem<D, I4, true>::FIXED : SelectSmem<D, I4, false>::FIXED;
+  const int smem = fixed + HC * p.nW * 4;
+  cudaError_t e;
   e = cudaFuncSetAttribute(sale_select_kernel<T, D, I4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq / HC, p.B);
