@@ -327,9 +327,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
   load_next(0);
   cp_async_commit();
-  load_next(1);
-  cp_async_commit();
-  cp_async_wait<1>();
+  cp_async_wait<0>();
   fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
   __syncthreads();
 
@@ -341,26 +339,38 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
   const int row_a = r0 + warp * 16 + g;
+  uint32_t pa[4][4];  // P of the previous tile
 
-  // S = Q K^T of the tile in slot, into s (overwritten)
-  float s[8][4];
-  auto issue_qk = [&](int slot) {
+  // O += P V of the tile in slot
+  auto issue_pv = [&](int slot) {
+    reg_fence(o);
+    wgmma_fence();
+    const uint32_t cV = sV + slot * KV_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_pv<BF, D>(o, pa[ks], wgmma_desc_sw128(cV + ks * 2048, PANEL, 1024));
+  };
+  // Iteration it (tile it resident): load tile it+1; issue Q K^T(it), then P V(it-1); wait for the first; softmax
+  // of S(it) while P V(it-1) runs; wait for it; P(it) into pa.
+  int it = 0;
+  for (;; ++it) {
+    const int kb0 = cmp_it.next();
+    const int kb1 = kb0 >= 0 ? cmp_it.next() : -1;
+    if (kb0 < 0 && it > 0) break;  // (a query block without any block would run tile 0 fully masked)
+    load_next((it + 1) % kStages);
+    cp_async_commit();
+    float s[8][4];
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_qk_n64<BF>(s, qf[kk], wgmma_desc_sw128(sK + slot * KV_BYTES + (kk / 4) * PANEL + (kk % 4) * 32, 16, 1024),
+      wgmma_qk_n64<BF>(s, qf[kk],
+                       wgmma_desc_sw128(sK + (it % kStages) * KV_BYTES + (kk / 4) * PANEL + (kk % 4) * 32, 16, 1024),
                        kk > 0);
-  };
-  // tile 0 (with no block at all, it is fully masked: o = 0, l = 0)
-  int kb0 = cmp_it.next();
-  int kb1 = cmp_it.next();
-  reg_fence(s);
-  wgmma_fence();
-  issue_qk(0);
-  wgmma_commit();
-  wgmma_wait<0>();
-  reg_fence(s);
-  for (int it = 0;; ++it) {
-    // the second block missing (odd count) or keys past the causal limit -> -inf; softmax into P(it)
+    wgmma_commit();
+    if (it > 0) issue_pv((it - 1) % kStages);
+    wgmma_commit();
+    wgmma_wait<1>();  // Q K^T(it)
+    reg_fence(s);
+    // the second block missing (odd count) or keys past the causal limit -> -inf
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kb = h == 0 ? kb0 : kb1;
@@ -374,33 +384,18 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     }
     float corr_a, corr_b;
     const bool rescale = softmax_p<8>(s, p.scale_log2, m_a, m_b, l_a, l_b, corr_a, corr_b);
-    uint32_t pa[4][4];
+    wgmma_wait<0>();  // P V(it-1)
+    reg_fence(o);
     pack_p<T, 8>(s, pa);
-    kb0 = cmp_it.next();
-    kb1 = kb0 >= 0 ? cmp_it.next() : -1;
-
+    if (rescale) rescale_o<D / 8>(o, corr_a, corr_b);  // before P V(it) adds P(it)
     cp_async_wait<0>();  // tile it+1
     fence_proxy_async_smem();
-    __syncthreads();     // every warp's P V(it-1) done: the slot of tile it-1 is free
-    load_next((it + 2) % kStages);
-    cp_async_commit();
-    if (rescale) rescale_o<D / 8>(o, corr_a, corr_b);
-
-    // P V(it) and Q K^T(it+1) back to back (one wait: a wgmma still in flight while the softmax reads or writes
-    // its registers makes ptxas serialize the wgmma pipeline, C7514/C7515)
-    reg_fence(o);
-    reg_fence(s);
-    wgmma_fence();
-    if (kb0 >= 0) issue_qk((it + 1) % kStages);
-    const uint32_t cV = sV + (it % kStages) * KV_BYTES;
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_pv<BF, D>(o, pa[ks], wgmma_desc_sw128(cV + ks * 2048, PANEL, 1024));
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(o);
-    reg_fence(s);
-    if (kb0 < 0) break;
+    __syncthreads();     // every warp's Q K^T(it) and P V(it-1) done: slots it-1 and it may be refilled later
   }
+  issue_pv((it - 1) % kStages);
+  wgmma_commit();
+  wgmma_wait<0>();
+  reg_fence(o);
   cp_async_wait<0>();
   store_rows<T, D>(p, b, hq, row_a, t, o, m_a, m_b, l_a, l_b);
 }
