@@ -7,8 +7,9 @@
 //     of the warp moved.
 //   sale_compute_wg_kernel (sm_90a): the 4 warps are one warpgroup; two selected blocks per 64-key tile, S = Q K^T
 //     by wgmma m64n64k16 (Q from registers, K tile K-major) and O += P V by wgmma m64nDk16 (P from registers,
-//     V tile MN-major), tiles in the 128-byte swizzle layout; P V of tile t and Q K^T of tile t+1 are
-//     issued together, so the tensor cores run both chains back to back. 2 CTAs per SM.
+//     V tile MN-major), tiles in the 128-byte swizzle layout; Q K^T of tile t and P V of tile t-1 are issued
+//     back to back and the softmax of tile t overlaps P V (FlashAttention-3's intra-warpgroup order). 2 CTAs
+//     per SM.
 //   The softmax is invariant to the smoothing shift of K (K minus its per-channel mean), so the original K is
 //   used here: the same output as smoothed K, one rounding fewer, and lse is that of the original logits.
 #include "sale_common.cuh"
@@ -270,9 +271,10 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   store_rows<T, D>(p, b, hq, row_a, t, o, m_a, m_b, l_a, l_b);
 }
 
-// sm_90a: 64-key tiles of two selected blocks (the second zero-filled and masked when the count is odd), wgmma.
-// Iteration t (S(t) in registers): softmax of S(t) into P(t); wait for tile t+1 and start loading tile t+2 into
-// the slot of tile t-1; rescale O; issue Q K^T(t+1) and P V(t) as one commit group and wait for it.
+// sm_90a: 64-key tiles of two selected blocks (the second zero-filled and masked when the count is odd), wgmma,
+// a 3-slot ring (tile t+1 loading, K of tile t and V of tile t-1 in use). Only while Q K^T is retired and P V
+// still runs does the softmax touch S; O is rescaled after both are done: any other access to a wgmma's
+// registers in flight makes ptxas serialize the pipeline (C7514 / C7515) or inject waits (C7517).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputeParams p) {
   constexpr bool BF = TypeTraits<T>::kBF16;
