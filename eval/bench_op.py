@@ -43,7 +43,8 @@ INPUT_SETS = 2  # rotated between calls, so that caches do not flatter
 HEAVY_FRACTIONS = (0.05, 0.1, 0.2, 0.35)
 ROW_FIELDS = (
     "length", "data", "kind", "method", "backend", "gqa", "estimate", "compute", "tau", "tau_label",
-    "granularity", "density", "ms", "ms_runs", "peak_mib", "quant_ms", "select_ms", "compute_ms", "note", "error",
+    "granularity", "density", "ms", "ms_runs", "peak_mib", "select_peak_mib", "quant_ms", "select_ms", "compute_ms",
+    "note", "error",
 )  # fmt: skip
 
 
@@ -351,12 +352,12 @@ def _sale_call(ops, inputs, tau, estimate, compute, stop_after=None, need_block_
 def _stage_times(cfg, ops, timer, inputs, tau, estimate) -> dict:
     """Median ms of the op stopped after quant and after select, run with compute="cuda" whatever the rows'
     compute pass: with "flex" the stop after select would include the bitmap -> bool map conversion, which
-    belongs to FlexAttention's computation pass."""
-    return {
-        stop: statistics.median(measure(_sale_call(ops, inputs, tau, estimate, "cuda", stop_after=stop),
-                                        cfg.warmup, cfg.reps, timer.elapsed_ms))
-        for stop in ("quant", "select")
-    }  # fmt: skip
+    belongs to FlexAttention's computation pass. Also the peak memory of the op stopped after select
+    ("select_peak_mib": the selection's workspace and its bitmap)."""
+    calls = {stop: _sale_call(ops, inputs, tau, estimate, "cuda", stop_after=stop) for stop in ("quant", "select")}
+    times = {stop: statistics.median(measure(call, cfg.warmup, cfg.reps, timer.elapsed_ms))
+             for stop, call in calls.items()}  # fmt: skip
+    return {**times, "select_peak_mib": timer.peak_mib(lambda: calls["select"](0))[1]}
 
 
 def _full_op(cfg, ops, timer, inputs, tau, estimate, compute) -> dict:
@@ -374,6 +375,7 @@ def _sale_rows(cfg, ops, timer, case, setting, tau, inputs) -> list[dict]:
                        tau_label=setting.label)
             row.update(_attempt(timer, _full_op, cfg, ops, timer, inputs, tau, estimate, compute))
             row.update(stage_split(stops.get("quant"), stops.get("select"), row["ms"]))
+            row["select_peak_mib"] = stops.get("select_peak_mib")
             if "error" in stops:
                 row["note"] = f"no stage split: {stops['error']}"
             rows.append(row)
@@ -490,13 +492,13 @@ def _cells(r: dict) -> list[str]:
         r["data"], r["method"], r["estimate"] or "-", r["compute"] or "-", r["tau_label"] or "-",
         _fmt(r["density"], ".3f"), "error" if r["error"] else _fmt(r["ms"], ".2f"), _fmt(r["tflops"], ".1f"),
         _fmt(r["speedup"], ".2f", "x"), _fmt(r["speedup_flash"], ".2f", "x"), _split_cell(r),
-        _fmt(r["overhead_pct"], ".1f"), _fmt(r["peak_mib"], ".0f"),
+        _fmt(r["overhead_pct"], ".1f"), _fmt(r["peak_mib"], ".0f"), _fmt(r["select_peak_mib"], ".0f"),
     ]  # fmt: skip
 
 
 HEADERS = ("data", "method", "estimate", "compute", "tau", "density", "ms", "TFLOP/s\n(dense-eq)",
            "speedup vs\nfastest SDPA", "vs\nflash", "quant / select /\ncompute ms", "q+s %\nof SDPA",
-           "peak\nMiB")  # fmt: skip
+           "peak\nMiB", "select\npeak MiB")  # fmt: skip
 
 
 def bench_table(rows: Sequence[dict], title: str) -> Table:
@@ -627,8 +629,9 @@ def bench_op(
     Reports ms, dense-equivalent TFLOP/s, density, speedup over the fastest
     SDPA backend and over flash, the quant / select / compute split (from
     variants that stop after each stage), quant + select as % of the fastest
-    SDPA time, peak memory, and the computation pass alone at coarser
-    selection granularities.
+    SDPA time, peak memory (of the whole op, and of the op stopped after
+    selection: the selection's workspace and bitmap), and the computation
+    pass alone at coarser selection granularities.
 
     Timing: CUDA events, --warmup untimed then --reps timed calls (median),
     two input sets rotated. Writes RESULTS_DIR/EXP/bench_op.json after each

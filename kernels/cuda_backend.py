@@ -44,6 +44,10 @@ STOP_AFTER = (None, "quant", "select")
 # nothing was measured. H100 (9.x), 2026-11-25, 16K tokens, 64x32 blocks: own kernel (wgmma) 1.37 ms vs
 # FlexAttention 3.26 ms at density 0.22, 5.47 vs 13.86 ms dense.
 _DEFAULT_COMPUTE = {9: "cuda"}
+# The quantized copies of Q and K (and their per-row floats) that the selection reads: at most this many bytes
+# alive at once, by running quantization and selection over chunks of kv heads (and batch entries) when the
+# whole call would need more. The bitmap of the whole call (32 MiB at 128K tokens, 32 heads) comes on top.
+SELECT_WORKSPACE_BYTES = 96 << 20
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_compute.cu")
@@ -173,6 +177,26 @@ def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, 
         raise ValueError("input too large for the CUDA backend")
 
 
+def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
+                      budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, h0, h1) batch and kv-head ranges whose quantized Q/K stay within ``budget`` bytes each (default
+    SELECT_WORKSPACE_BYTES): the whole call when it fits, else one batch entry at a time with as many kv heads as
+    fit (at least one).
+
+    Every head's quantization and selection depend only on its own kv head's group, so chunking changes nothing
+    but the number of launches."""
+    budget = SELECT_WORKSPACE_BYTES if budget is None else budget
+    G, Lpad = Hq // Hkv, math.ceil(L / 64) * 64
+    ib = d // 2 if estimate == "int4" else d
+    # per kv head and batch entry: int8 rows of its G query heads and of itself, the floats sq, qm, qkm, the
+    # block maxima of qm (per query head) and sk
+    per_head = Lpad * (ib * (G + 1) + 4 * 3 * G + 4 * G // 32 + 4)
+    if B * Hkv * per_head <= budget:
+        return [(0, B, 0, Hkv)]
+    hc = max(1, min(Hkv, budget // per_head))
+    return [(b, b + 1, h, min(Hkv, h + hc)) for b in range(B) for h in range(0, Hkv, hc)]
+
+
 def _visible_pairs(L: int, block_q: int, block_k: int) -> int:
     """Causally visible (query block, key block) pairs of one head (Lq == Lk)."""
     nQ = math.ceil(L / block_q)
@@ -234,6 +258,9 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True. ``compute``: "cuda",
     "flex" or "auto" (``default_compute()``). ``stop_after`` "quant" or "select" ends the call after that stage
     (for timing the stages): out and lse are then None, and after "quant" so are the map and the density.
+    Quantization and selection run over chunks of kv heads when the call's quantized Q/K would exceed
+    ``SELECT_WORKSPACE_BYTES`` (at 128K tokens and Llama-3.1-8B shapes: 8 chunks of ~87 MiB instead of 680 MiB);
+    the stage timings are then summed over the chunks.
     """
     check_compute(compute)
     if stop_after not in STOP_AFTER:
@@ -255,40 +282,64 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     nK = math.ceil(L / block_k)
     scale = float(scale)
 
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timing else None
-    stages = ("quant", "select", "compute")
+    chunks = _selection_chunks(B, Hq, k.shape[1], L, d, estimate)
+    G = Hq // k.shape[1]
+    marks = []  # (stage, start event, end event)
 
-    def finish(n_stages):
+    def mark(stage, fn):
+        if not timing:
+            return fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        marks.append((stage, start, end))
+        return result
+
+    def finish(stages):
+        """ms per stage, summed over the chunks"""
         if not timing:
             return None
-        events[n_stages].synchronize()
-        return {stages[i]: events[i].elapsed_time(events[i + 1]) for i in range(n_stages)}
+        torch.cuda.synchronize(q.device)
+        stage_ms = dict.fromkeys(stages, 0.0)
+        for stage, start, end in marks:
+            stage_ms[stage] += start.elapsed_time(end)
+        return stage_ms
 
-    if timing:
-        events[0].record()
-    kint, sk, qint, sq, qm, qkm = torch.ops.sale.quantize(q, k, quant_group == "per_block",
-                                                          ESTIMATE_BITS[estimate], scale)
-    if timing:
-        events[1].record()
+    if len(chunks) > 1:
+        bits = q.new_empty(B, Hq, math.ceil(L / block_q), (nK + 31) // 32, dtype=torch.int32)
+        pairs = q.new_empty(B, Hq, dtype=torch.int32)
+    for b0, b1, h0, h1 in chunks:
+        qc, kc, tc = q[b0:b1, h0 * G:h1 * G], k[b0:b1, h0:h1], tau[h0 * G:h1 * G]  # contiguous views
+        kint, sk, qint, sq, qm, qkm = mark("quant", lambda qc=qc, kc=kc: torch.ops.sale.quantize(
+            qc, kc, quant_group == "per_block", ESTIMATE_BITS[estimate], scale))
+        if stop_after == "quant":
+            continue
+        res = mark("select", lambda a=(qc, kc, qint, sq, kint, sk, qm, qkm, tc): torch.ops.sale.select(
+            *a, scale, int(sink_tokens), int(local_window)))
+        del kint, sk, qint, sq, qm, qkm
+        if len(chunks) == 1:
+            bits, pairs = res
+        else:
+            bits[b0:b1, h0 * G:h1 * G] = res[0]
+            pairs[b0:b1, h0 * G:h1 * G] = res[1]
+        del res
     if stop_after == "quant":
-        return None, None, None, None, finish(1)
-    bits, pairs = torch.ops.sale.select(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, int(sink_tokens),
-                                        int(local_window))
-    del kint, sk, qint, sq, qm, qkm
-    if timing:
-        events[2].record()
+        return None, None, None, None, finish(("quant",))
     # in float64 (torch divides a CUDA tensor by a scalar as a multiplication by its reciprocal): a dense head
     # gets exactly 1.0
     density = (pairs.double() / _visible_pairs(L, block_q, block_k)).float()
     block_map = block_sparse.bits_to_block_map(bits, nK) if need_block_map or compute == "flex" else None
     if stop_after == "select":
-        return None, None, (block_map if need_block_map else None), density, finish(2)
-    if compute == "cuda":
-        out, lse = torch.ops.sale.compute(q, k, v, bits, scale, bool(need_lse))
-    else:
+        return None, None, (block_map if need_block_map else None), density, finish(("quant", "select"))
+
+    def attend():
+        if compute == "cuda":
+            return torch.ops.sale.compute(q, k, v, bits, scale, bool(need_lse))
         res = block_sparse.flex_block_sparse_attention(q, k, v, block_map, block_q=block_q, block_k=block_k,
                                                        scale=scale, return_lse=need_lse)
-        out, lse = res if need_lse else (res, None)
-    if timing:
-        events[3].record()
-    return out, (lse if need_lse else None), (block_map if need_block_map else None), density, finish(3)
+        return res if need_lse else (res, None)
+
+    out, lse = mark("compute", attend)
+    return (out, (lse if need_lse else None), (block_map if need_block_map else None), density,
+            finish(("quant", "select", "compute")))

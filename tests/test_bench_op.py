@@ -214,7 +214,7 @@ def test_runner_on_cpu_with_a_fake_backend(tmp_path):
             oom = got[("sale", "sale", "int4", "flex", label)]
             assert oom["error"].startswith("OutOfMemoryError") and oom["ms"] is None
             sale = got[("sale", "sale", "int8", "cuda", label)]
-            assert sale["ms"] > 0 and len(sale["ms_runs"]) == 2 and sale["peak_mib"] == 1.5
+            assert sale["ms"] > 0 and len(sale["ms_runs"]) == 2 and sale["peak_mib"] == sale["select_peak_mib"] == 1.5
             assert sale["quant_ms"] is not None and sale["ms"] == pytest.approx(
                 sale["quant_ms"] + sale["select_ms"] + sale["compute_ms"])
             assert sale["speedup"] > 0 and sale["overhead_pct"] is not None and sale["tflops"] > 0
@@ -224,11 +224,11 @@ def test_runner_on_cpu_with_a_fake_backend(tmp_path):
             assert sale["density"] < coarse["density"] <= 1.0
             reference = got[("granularity", "compute 64x32", "int8", "cuda", label)]
             assert reference["ms"] == sale["compute_ms"] and reference["note"]
-    # per (data, setting, estimate): the two stop variants, warmup + reps calls each, with our compute pass named
-    # (its stop after select leaves out FlexAttention's bitmap conversion); per (data, setting with a granularity
-    # trade-off): the block map of each input set
+    # per (data, setting, estimate): the two stop variants, warmup + reps calls each, and one more stop after select
+    # for its peak memory, with our compute pass named (its stop after select leaves out FlexAttention's bitmap
+    # conversion); per (data, setting with a granularity trade-off): the block map of each input set
     stops = [c for c in calls if c[2] is not None and not c[3]]
-    assert len(stops) == 2 * (1 + 2 + 2) * 2 * (cfg.warmup + cfg.reps) and {c[1] for c in stops} == {"cuda"}
+    assert len(stops) == 2 * (1 + 2 + 2) * (2 * (cfg.warmup + cfg.reps) + 1) and {c[1] for c in stops} == {"cuda"}
     assert [c for c in calls if c[3]] == [("int8", "cuda", "select", True)] * 2 * 2 * bench_op.INPUT_SETS
     assert timer.freed >= 2 * 2 + 2  # after each OOM and after each (length, data)
     shown = console.export_text()

@@ -381,6 +381,20 @@ def test_timings_and_repeatability(estimate):
     assert torch.equal(m1, m2) and torch.equal(d1, d2) and torch.equal(o1, o2), "non-deterministic result"
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,estimate", [(1, 8, 2, "int8"), (2, 9, 3, "int4")])
+def test_selection_in_chunks_gives_the_same_result(monkeypatch, B, Hq, Hkv, estimate):
+    """A workspace budget below one kv head's quantized copies: one chunk per (batch entry, kv head), same bits."""
+    q, k, v = _inputs(B, Hq, Hkv, 3000, 128, torch.bfloat16, _seed("chunks", B, Hq, estimate))
+    tau = _tau(Hq)
+    whole = _run_cuda(q, k, v, tau, estimate=estimate, timing=True)
+    monkeypatch.setattr(cuda_backend, "SELECT_WORKSPACE_BYTES", 1)
+    assert len(cuda_backend._selection_chunks(B, Hq, Hkv, 3000, 128, estimate, 1)) == B * Hkv
+    chunked = _run_cuda(q, k, v, tau, estimate=estimate, timing=True)
+    for a, b in zip(whole[:4], chunked[:4], strict=True):
+        assert torch.equal(a, b)
+    assert set(chunked[4]) == {"quant", "select", "compute"} and chunked[4]["select"] > 0
+
+
 def test_unsupported_configurations_raise():
     q, k, v = _inputs(1, 4, 2, 256, 128, torch.bfloat16, 0, structured=False)
     tau = torch.full((4,), 0.01, device=DEV)

@@ -38,3 +38,21 @@ def test_bad_compute_and_stop_after_are_named():
         cuda_backend.sale_attention_cuda(q, q, q, tau, stop_after="compute", **opts)
     with pytest.raises(ValueError, match="compute"):
         sale_attention(q, q, q, tau, compute="triton")
+
+
+def test_selection_chunks_bound_the_workspace():
+    chunks = cuda_backend._selection_chunks
+    assert chunks(1, 32, 8, 16384, 128, "int8") == [(0, 1, 0, 8)]  # fits: one call, as before
+    # Llama-3.1-8B shapes at 128K: one kv head (4 query heads) per chunk, about 87 MiB of int8 copies each
+    got = chunks(1, 32, 8, 131072, 128, "int8")
+    assert got == [(0, 1, h, h + 1) for h in range(8)]
+    assert chunks(1, 32, 8, 131072, 128, "int4") == [(0, 1, h, h + 2) for h in range(0, 8, 2)]
+    for B, Hq, Hkv, L, d, est, budget in [(3, 12, 4, 5000, 64, "int8", 3 << 20), (2, 9, 3, 777, 128, "int4", 1),
+                                          (1, 16, 16, 70000, 128, "int8", 200 << 20)]:  # fmt: skip
+        got = chunks(B, Hq, Hkv, L, d, est, budget)
+        covered = sorted((b, h) for b0, b1, h0, h1 in got for b in range(b0, b1) for h in range(h0, h1))
+        assert covered == [(b, h) for b in range(B) for h in range(Hkv)]  # every (batch, kv head) exactly once
+        G, Lpad, ib = Hq // Hkv, -(-L // 64) * 64, d // 2 if est == "int4" else d
+        for b0, b1, h0, h1 in got:
+            n = (b1 - b0) * (h1 - h0)
+            assert n == 1 or n * Lpad * (ib * (G + 1) + 12 * G) <= budget
