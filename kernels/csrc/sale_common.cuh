@@ -125,10 +125,11 @@ __device__ __forceinline__ void mma_int(int (&c)[4], const uint32_t (&a)[4], uin
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hopper warpgroup MMA (sm_90a only): int8 m64n32k32, A = 64 rows x 32 bytes and B = 32 keys x 32 bytes from
-// shared memory, both K-major, no swizzle (core matrices of 8 rows x 16 contiguous bytes; LBO = stride between
-// K-adjacent core matrices, SBO = stride between 8-row groups). The accumulator layout per warp (rows
-// 16 * warp + 0..15) equals mma.m16n8k32's C layout for n8 chunks 0..3.
+// Hopper warpgroup MMA (sm_90a only). Shared-memory operands are described by descriptors (start address, LBO,
+// SBO, layout type); the kernels use the 128-byte swizzle layout (wgmma_desc_sw128), which the tensor cores read
+// far faster than the no-swizzle one (docs/PERF_KERNEL_NOTES.md). int8 m64n32k32: A = 64 rows x 32 bytes and
+// B = 32 keys x 32 bytes, both K-major. The accumulator layout per warp (rows 16 * warp + 0..15) equals
+// mma.m16n8k32's C layout for n8 chunks 0..3.
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SALE_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
@@ -176,7 +177,7 @@ __device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t d
 }
 
 // fp16/bf16 wgmma with A (64 rows x 16, fp16/bf16) from registers: per warp (rows 16 * warp + 0..15) the A
-// fragment of mma.m16n8k16; B from shared memory (no swizzle); fp32 accumulators d[n8 chunk][4] in mma.sync's C
+// fragment of mma.m16n8k16; B from shared memory (descriptor); fp32 accumulators d[n8 chunk][4] in mma.sync's C
 // layout; TR "1": B MN-major (transposed). The macros name the operands d, a, desc_b and accumulate.
 #define SALE_WGMMA_RS_N64(DT, TR)                                                                                   \
   SALE_WGMMA_ASM(                                                                                                   \

@@ -56,20 +56,6 @@ __device__ __forceinline__ void load_tile(uint32_t sbase, const T* g, int rows, 
   }
 }
 
-// the same in wgmma's 128-byte swizzle layout: 64-channel panels (panel_bytes apart) of 128-byte rows, chunk c of
-// row r at panel c / 8, row r, chunk (c % 8) ^ (r % 8); sbase + panel offsets 1024-byte aligned
-template <typename T, int D>
-__device__ __forceinline__ void load_tile_sw128(uint32_t sbase, const T* g, int rows, int nvalid, int panel_bytes,
-                                                int tid) {
-  constexpr int CPR = D / 8;
-  for (int i = tid; i < rows * CPR; i += kThreads) {
-    const int r = i / CPR, c = i % CPR;
-    const bool ok = r < nvalid;
-    const T* src = ok ? g + (size_t)r * D + c * 8 : g;
-    cp_async16(sbase + (c / 8) * panel_bytes + r * 128 + (((c % 8) ^ (r % 8)) << 4), src, ok);
-  }
-}
-
 // Online softmax of one warp's rows row_a = g and row_b = g + 8 over NC 8-key chunks of raw logits s (masked
 // entries -inf): the running max m (log2 domain, scale folded in) and sum l are updated and s becomes
 // P = exp2(scale * s - m). Returns whether O must be rescaled by corr (some row max of the warp moved; after
