@@ -235,7 +235,7 @@ __device__ __forceinline__ void wgmma_qk_n64(float (&d)[8][4], const uint32_t (&
 // O (64 x D) += P V over 16 keys: B = 16 keys x D channels, MN-major (stored key-row-major)
 template <bool BF, int D>
 __device__ __forceinline__ void wgmma_pv(float (&d)[D / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  constexpr int accumulate = 1;
+  [[maybe_unused]] constexpr int accumulate = 1;  // unused off sm_90a, where the macro traps
   static_assert(D == 64 || D == 128, "head dim 64 or 128");
   if constexpr (D == 64 && BF) {
     SALE_WGMMA_RS_N64("bf16", "1");
