@@ -6,10 +6,11 @@
 Build the extension outside the sanitizer first (the build is cached):
     python3 -c "from sale_cli.kernels import cuda_backend as c; print(c.available())"
 
-Default set (16 calls): B=1, Hq=4, Hkv=2, L 777 and 1025 (ragged query and key blocks), d 64 and 128, bf16 and
-fp16, int8 and int4, compute="cuda", with lse and block map; the heads take tau 0, 0.004, 0.05, 1e9 (dense, mixed,
-nearly R only, R only) on inputs with an attention sink, so blocks are both computed and skipped.
---racecheck: the 4 calls of L 777 bf16 (both head dims and estimates), kernel outputs only (no block map).
+Default set (16 calls): B=1, L 777 (Hq=4, Hkv=2: two heads per selection CTA) and 1025 (Hq=8, Hkv=2: four), ragged
+query and key blocks, d 64 and 128, bf16 and fp16, int8 and int4, compute="cuda", with lse and block map; the heads
+take tau 0, 0.004, 0.05, 1e9 cyclically (dense, mixed, nearly R only, R only) on inputs with an attention sink, so
+blocks are both computed and skipped.
+--racecheck: 4 bf16 calls (L 777 d 64, L 1025 d 128; int8 and int4), kernel outputs only (no block map).
 Prints one summary line.
 """
 
@@ -36,12 +37,16 @@ def _inputs(L, d, dtype, seed, Hq=4, Hkv=2):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+HEADS = {777: (4, 2), 1025: (8, 2)}  # (Hq, Hkv) per length
+
+
 def _call(L, d, dtype, estimate, checks: bool) -> str | None:
     """One backend call; returns a failure message or None."""
     from sale_cli.kernels import cuda_backend
 
-    q, k, v = _inputs(L, d, dtype, seed=L * 1000 + d)
-    tau = torch.tensor([0.0, 0.004, 0.05, 1e9], device="cuda")
+    Hq, Hkv = HEADS[L]
+    q, k, v = _inputs(L, d, dtype, seed=L * 1000 + d, Hq=Hq, Hkv=Hkv)
+    tau = torch.tensor([0.0, 0.004, 0.05, 1e9], device="cuda").repeat(Hq // 4)
     out, lse, bmap, density, _ = cuda_backend.sale_attention_cuda(
         q, k, v, tau, scale=None, block_q=64, block_k=32, sink_tokens=None, local_window=128, estimate=estimate,
         quant_group="per_token", need_block_map=checks, need_lse=True, compute="cuda")
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
         print("sanitize_case: FAILED: no CUDA device")
         return 1
     if args.racecheck:
-        configs = list(itertools.product([777], [64, 128], [torch.bfloat16], ["int8", "int4"]))
+        configs = [(L, d, torch.bfloat16, est) for L, d in ((777, 64), (1025, 128)) for est in ("int8", "int4")]
     else:
         configs = list(itertools.product([777, 1025], [64, 128], [torch.bfloat16, torch.float16], ["int8", "int4"]))
     failures = []
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     if failures:
         print(f"sanitize_case: FAILED {len(failures)} of {len(configs)} calls ({mode}); first: {failures[0]}")
         return 1
-    print(f"sanitize_case: all {len(configs)} calls ok ({mode}: B=1 Hq=4 Hkv=2, outputs finite)")
+    print(f"sanitize_case: all {len(configs)} calls ok ({mode}: B=1, Hq/Hkv 4/2 and 8/2, outputs finite)")
     return 0
 
 

@@ -8,9 +8,10 @@ the heads of each case take the taus 0, 0.001, 0.004, 0.008, 1e9 cyclically. Eac
   blocks are counted and bounded, and the last test prints the totals;
 - output and lse vs float64 attention on the kernel's own block map, density vs that map, tau = 0 heads dense,
   tau = 1e9 heads exactly the sink+local set R, every output element written (poisoned allocator).
-Also: compute="flex" on the same block list, per_block groups, GQA 16:1 and 1:1, tau = 0 vs SDPA, runtime
-sink_tokens / local_window, determinism and timings, errors for unsupported options, and real Q/K/V of the demo
-model (written by scripts/capture_qkv.py; skipped when the file is absent).
+Also: compute="flex" on the same block list, per_block groups, GQA 16:1, 7:1, 2:1 and 1:1 (with 3:1, every
+heads-per-CTA count of the selection), tau = 0 vs SDPA, runtime sink_tokens / local_window, determinism and
+timings, errors for unsupported options, and real Q/K/V of the demo model (written by scripts/capture_qkv.py;
+skipped when the file is absent).
 """
 
 from __future__ import annotations
@@ -333,6 +334,8 @@ def test_matrix(B, Hq, Hkv, L, d, dtype, estimate):
     (1, 8, 8, 2048, 128, torch.bfloat16, "int4", "per_block"),
     (1, 16, 1, 3001, 64, torch.bfloat16, "int8", "per_token"),
     (2, 4, 4, 2500, 128, torch.float16, "int4", "per_token"),
+    (1, 14, 2, 2049, 128, torch.bfloat16, "int8", "per_token"),  # G = 7: one head per selection CTA
+    (1, 12, 6, 1500, 64, torch.float16, "int8", "per_block"),  # G = 2: two heads per selection CTA
 ], ids=_id)
 def test_quant_groups_and_gqa_extremes(B, Hq, Hkv, L, d, dtype, estimate, group):
     q, k, v = _inputs(B, Hq, Hkv, L, d, dtype, _seed("groups", B, Hq, Hkv, L, d, dtype, estimate, group))

@@ -1,5 +1,5 @@
 // SALE stage 2: block selection. One CTA per (b, 64-row query block, chunk of HC <= 4 query heads of one kv
-// group; HC = the largest of 4/3/2/1 dividing G), 4 warps x 16 rows.
+// group; HC = the largest of 4/3/2/1 dividing G, a template parameter), 4 warps x 16 rows.
 //   A. per head, exact fp32 statistics over the always-computed set R (sink + local blocks), on the smoothed
 //      logits z_ij = scale * q_i . (k_j - kmean) = scale * q_i . k_j - c_i  (c_i = scale * q_i . kmean, from
 //      stage 1; the original K is exact in the input dtype, a rounded smoothed copy would not be):
@@ -11,13 +11,15 @@
 //      iff some row i and key j have zhat_ij > thr_i. Data flow:
 //      * every integer K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC
 //        heads of the CTA (wgmma: Q tiles in shared memory, one chain per head per 32-key block, the tests of
-//        head h overlapping the MMAs of heads h+1..; mma.sync: K fragments loaded once per warp and k-step,
-//        Q fragments of all heads in registers, heads interleaved);
+//        head h overlapping the MMAs of heads h+1..; the chains of all HC heads are issued with no branch in
+//        between, which ptxas would answer with a warpgroup.arrive before every chain; mma.sync: K fragments
+//        loaded once per warp and k-step, Q fragments of all heads in registers, heads interleaved);
 //      * row bound, 2 tests per thread: fma(sq_i * max_j acc_ij, max sk over the thread's keys, max qm over
 //        the block) against the prefilter bound; only warps where it passes go on;
-//      * prefilter: z' = fma(sq_i * acc, sk_j, qm_j) > thr_i / scale - margin; only a warp where some element
-//        passes it evaluates the exact reference-order expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i
-//        (the margin covers the rounding differences, so neither bound changes the selection);
+//      * prefilter: z' = fma(sq_i * acc, sk_j, qm_j) against (thr_i -+ margin) / scale: an element over the upper
+//        bound selects the block; only a warp where some element lies between the two evaluates the exact
+//        reference-order expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding
+//        differences, so neither bound changes the selection);
 //      * a head skips a block already selected by another warp (early exit of the OR over the block).
 //   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
 //   tau == 0: every visible block.
@@ -30,7 +32,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kStagesB = 3;
 constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
-constexpr int kMaxHC = 4;      // query heads per CTA
+constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
@@ -56,8 +58,8 @@ struct SelectSmem {
 // I4: the estimate in packed int4 (two per byte, m16n8k64 s4 mma.sync; Hopper emulates it, so on sm_90 it is for
 // parity only); else int8. WG (sm_90a build, int8): the int8 Q tiles of stage B live in shared memory (wgmma
 // reads A and B from there), which frees the 64 registers of the A fragments: 3 CTAs per SM instead of 2.
-template <typename T, int D, bool I4>
-__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p, int HC) {
+template <typename T, int D, bool I4, int HC>
+__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr bool WG = kWgmmaArch && !I4;
   using SM = SelectSmem<D, I4, WG>;
@@ -181,17 +183,17 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     __syncthreads();  // region A is reused by stage B; thr_s complete
 
     // ---------------- B: int8 estimate over candidate blocks, all heads of the CTA ----------------
-    uint32_t qa[kMaxHC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
-    float thr[kMaxHC][2], pre[kMaxHC][2], sqr[kMaxHC][2];
+    uint32_t qa[HC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
+    float thr[HC][2], pre[HC][2], post[HC][2], sqr[HC][2];
     unsigned active = 0u;  // heads with tau > 0
     const float inv_scale = 1.f / p.scale;
 #pragma unroll
-    for (int h = 0; h < kMaxHC; ++h) {
-      const int hq = hq0 + (h < HC ? h : 0);
-      const bool act = h < HC && p.tau[hq] > 0.f;
+    for (int h = 0; h < HC; ++h) {
+      const int hq = hq0 + h;
+      const bool act = p.tau[hq] > 0.f;
       active |= act ? (1u << h) : 0u;
       if constexpr (WG) {
-        if (act) {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
+        {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
           const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
           const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * 128;
           constexpr int ICPR = D / 16;
@@ -216,8 +218,11 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       for (int rr = 0; rr < 2; ++rr) {
         const float th = act ? thr_s[h * kBlockQ + warp * 16 + g + 8 * rr] : INFINITY;
         thr[h][rr] = th;
-        // prefilter bound in unscaled units: the fp32 reassociation error is far below this margin
-        pre[h][rr] = th == INFINITY ? INFINITY : (th - (2e-3f + 1e-5f * fabsf(th))) * inv_scale;
+        // prefilter bounds in unscaled units, below and above the threshold: the fp32 reassociation error is far
+        // below this margin, so a value under pre fails the exact test and one over post passes it
+        const float margin = 2e-3f + 1e-5f * fabsf(th);
+        pre[h][rr] = th == INFINITY ? INFINITY : (th - margin) * inv_scale;
+        post[h][rr] = th == INFINITY ? INFINITY : (th + margin) * inv_scale;
         sqr[h][rr] = sqg[br.r0 + warp * 16 + g + 8 * rr];
       }
     }
@@ -274,34 +279,42 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       for (int half = 0; half < 2; ++half) {
         const int kb = kb0 + half;
         if (kb >= bend) break;  // uniform
-        int acc[kMaxHC][4][4];
+        // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads
+        // occupy shared memory and these loads would queue behind them): per head, the largest qm over the whole
+        // block; this thread's sk of its 8 keys
+        float qmx[HC];
+#pragma unroll
+        for (int h = 0; h < HC; ++h) qmx[h] = (active >> h) & 1u ? __ldg(qmbg + (size_t)h * p.nKpad + kb) : 0.f;
+        float2 skv[4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
+        int acc[HC][4][4];
         unsigned need = 0u;
         if constexpr (WG) {
-        // one warpgroup-wide int8 wgmma chain (4 k-steps) per active head, one commit group per head, so the
-        // tests of head h overlap the tensor-core work of heads h+1.. (need = active: CTA-uniform)
+        // one warpgroup-wide int8 wgmma chain (4 k-steps) per head (inactive ones too: no branch), one commit
+        // group per head, so the tests of head h overlap the tensor-core work of heads h+1.. (need = active:
+        // CTA-uniform). Descriptors: k chunk kk and head h add (kk * 32 + h * 64 * 128) / 16 to the address field
+        // of the first chunk's (no carry: shared addresses are below 256 KiB).
         need = active;
+        const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
+        const uint64_t dk0 = wgmma_desc_sw128(cKi + half * kBlockK * 128, 16, 1024);
 #pragma unroll
-        for (int h = 0; h < kMaxHC; ++h) reg_fence(acc[h]);
+        for (int h = 0; h < HC; ++h) reg_fence(acc[h]);
         wgmma_fence();
 #pragma unroll
-        for (int h = 0; h < kMaxHC; ++h) {
-          if ((need >> h) & 1u) {  // uniform
+        for (int h = 0; h < HC; ++h) {
 #pragma unroll
-            for (int kk = 0; kk < D / 32; ++kk)
-              wgmma_s8_m64n32k32_ss(acc[h], wgmma_desc_sw128(sQi + h * kBlockQ * 128 + kk * 32, 16, 1024),
-                                    wgmma_desc_sw128(cKi + half * kBlockK * 128 + kk * 32, 16, 1024), kk > 0);
-          }
+          for (int kk = 0; kk < D / 32; ++kk)
+            wgmma_s8_m64n32k32_ss(acc[h], dq0 + (h * kBlockQ * 128 + kk * 32) / 16, dk0 + kk * 2, kk > 0);
           wgmma_commit();
         }
         } else {
         // heads that still need this block (a benign race on bits set by other warps: bits are only added)
         if (lane == 0) {
 #pragma unroll
-          for (int h = 0; h < kMaxHC; ++h) {
-            if (h < HC) {
-              const uint32_t wbits = reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)];
-              need |= ((wbits >> (kb & 31)) & 1u) ? 0u : (1u << h);
-            }
+          for (int h = 0; h < HC; ++h) {
+            const uint32_t wbits = reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)];
+            need |= ((wbits >> (kb & 31)) & 1u) ? 0u : (1u << h);
           }
           need &= active;
         }
@@ -309,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         if (need == 0u) continue;
         // integer mma of every active head, interleaved (16 independent accumulator chains per warp)
 #pragma unroll
-        for (int h = 0; h < kMaxHC; ++h)
+        for (int h = 0; h < HC; ++h)
 #pragma unroll
           for (int n = 0; n < 4; ++n) acc[h][n][0] = acc[h][n][1] = acc[h][n][2] = acc[h][n][3] = 0;
 #pragma unroll
@@ -323,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
             ldmatrix_x4(cKi + key * IRB + byte, kf[np][0], kf[np][1], kf[np][2], kf[np][3]);
           }
 #pragma unroll
-          for (int h = 0; h < kMaxHC; ++h) {
+          for (int h = 0; h < HC; ++h) {
             if (!((need >> h) & 1u)) continue;  // uniform
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
@@ -333,23 +346,13 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           }
         }
         }
-        // per head, the largest qm over the whole block (row bound; loads overlap the tensor-core work)
-        float qmx[kMaxHC];
-#pragma unroll
-        for (int h = 0; h < kMaxHC; ++h) qmx[h] = (need >> h) & 1u ? __ldg(qmbg + (size_t)h * p.nKpad + kb) : 0.f;
-        float2 skv[4];
-#pragma unroll
-        for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
-        // this thread's largest sk over its 8 keys (sk >= 0), for the row bound below
+        // the largest sk over this thread's 8 keys (sk >= 0), for the row bound
         const float skm = fmaxf(fmaxf(fmaxf(skv[0].x, skv[0].y), fmaxf(skv[1].x, skv[1].y)),
                                 fmaxf(fmaxf(skv[2].x, skv[2].y), fmaxf(skv[3].x, skv[3].y)));
 #pragma unroll
-        for (int h = 0; h < kMaxHC; ++h) {
+        for (int h = 0; h < HC; ++h) {
           if constexpr (WG) {
-            if (h == 0) wgmma_wait<kMaxHC - 1>();
-            else if (h == 1) wgmma_wait<kMaxHC - 2>();
-            else if (h == 2) wgmma_wait<kMaxHC - 3>();
-            else wgmma_wait<0>();
+            wgmma_wait_upto3(HC - 1 - h);  // head h's group done
             reg_fence(acc[h]);
           }
           if (!((need >> h) & 1u)) continue;  // uniform
@@ -376,16 +379,22 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           float2 qmv[4];
 #pragma unroll
           for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
-          // prefilter
-          bool cand = false;
+          // prefilter: some element over pre is a candidate; one over post is a sure pass (no exact test needed)
+          bool cand = false, sure = false;
 #pragma unroll
           for (int n = 0; n < 4; ++n) {
             const float a0 = sqr[h][0] * (float)acc[h][n][0], a1 = sqr[h][0] * (float)acc[h][n][1];
             const float a2 = sqr[h][1] * (float)acc[h][n][2], a3 = sqr[h][1] * (float)acc[h][n][3];
-            cand |= (fmaf(a0, skv[n].x, qmv[n].x) > pre[h][0]) | (fmaf(a1, skv[n].y, qmv[n].y) > pre[h][0]) |
-                    (fmaf(a2, skv[n].x, qmv[n].x) > pre[h][1]) | (fmaf(a3, skv[n].y, qmv[n].y) > pre[h][1]);
+            const float z0 = fmaf(a0, skv[n].x, qmv[n].x), z1 = fmaf(a1, skv[n].y, qmv[n].y);
+            const float z2 = fmaf(a2, skv[n].x, qmv[n].x), z3 = fmaf(a3, skv[n].y, qmv[n].y);
+            cand |= (z0 > pre[h][0]) | (z1 > pre[h][0]) | (z2 > pre[h][1]) | (z3 > pre[h][1]);
+            sure |= (z0 > post[h][0]) | (z1 > post[h][0]) | (z2 > post[h][1]) | (z3 > post[h][1]);
           }
           if (!__any_sync(0xffffffffu, cand)) continue;
+          if (__any_sync(0xffffffffu, sure)) {
+            if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
+            continue;
+          }
           // exact test, the reference's fp32 order: zhat = scale * ((sq * sk) * acc + qm), no contraction
           bool pass = false;
 #pragma unroll
@@ -422,19 +431,26 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
   }
 }
 
-template <typename T, int D, bool I4>
-static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
-  const int G = p.Hq / p.Hkv;
-  const int HC = (G % 4 == 0) ? 4 : (G % 3 == 0) ? 3 : (G % 2 == 0) ? 2 : 1;
+template <typename T, int D, bool I4, int HC>
+static cudaError_t select_launch(const SelectParams& p, cudaStream_t s) {
   // the wgmma path (int8 Q tiles in shared memory, 128-byte swizzle) exists in sm_90a builds only
   const int fixed = (wgmma_device() && !I4) ? SelectSmem<D, I4, true>::FIXED : SelectSmem<D, I4, false>::FIXED;
   const int smem = fixed + HC * p.nW * 4;
   cudaError_t e;
-  e = cudaFuncSetAttribute(sale_select_kernel<T, D, I4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  e = cudaFuncSetAttribute(sale_select_kernel<T, D, I4, HC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(p.nQ, p.Hq / HC, p.B);
-  sale_select_kernel<T, D, I4><<<grid, kThreads, smem, s>>>(p, HC);
+  sale_select_kernel<T, D, I4, HC><<<grid, kThreads, smem, s>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int D, bool I4>
+static cudaError_t select_dispatch(const SelectParams& p, cudaStream_t s) {
+  const int G = p.Hq / p.Hkv;
+  if (G % 4 == 0) return select_launch<T, D, I4, 4>(p, s);
+  if (G % 3 == 0) return select_launch<T, D, I4, 3>(p, s);
+  if (G % 2 == 0) return select_launch<T, D, I4, 2>(p, s);
+  return select_launch<T, D, I4, 1>(p, s);
 }
 
 template <typename T, int D>
