@@ -291,29 +291,34 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   // this thread's 16-byte chunks of a block: rows lr + k * RP, chunk lc (128-byte swizzle: row % 8 = lr % 8)
   const int lr = tid / CPR, lc = tid % CPR;
   const uint32_t l_soff = (lc / 8) * PANEL + lr * 128 + (((lc % 8) ^ (lr % 8)) << 4);
-  const int l_goff = lr * D + lc * 8;
-  BitIter ld_it, cmp_it;
-  ld_it.init(bits, p.nW);
-  cmp_it.init(bits, p.nW);
-  // the next tile's two blocks from the loader's iterator, into slot
-  auto load_next = [&](int slot) {
+  const T* kt = kg + lr * D + lc * 8;
+  const T* vt = vg + lr * D + lc * 8;
+  // blocks kb0, kb1 (-1: none) into slot. Rows past L (and absent blocks) are zero-filled: a copy of source size 0
+  // reads nothing, so their addresses need no clamping and every row's is the block's plus a constant.
+  auto load_pair = [&](int kb0, int kb1, int slot) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int kb = ld_it.next();
+      const int kb = h == 0 ? kb0 : kb1;
       const int nvalid = kb >= 0 ? p.L - kb * kBlockK : 0;
-      const size_t off = kb >= 0 ? (size_t)kb * kBlockK * D + l_goff : 0;
+      const size_t off = (size_t)max(kb, 0) * kBlockK * D;
       const uint32_t so = slot * KV_BYTES + h * HALF + l_soff;
 #pragma unroll
       for (int k = 0; k < kBlockK / RP; ++k) {
         const bool ok = lr + k * RP < nvalid;
-        cp_async16(sK + so + k * RP * 128, ok ? kg + off + k * RP * D : kg, ok);
-        cp_async16(sV + so + k * RP * 128, ok ? vg + off + k * RP * D : vg, ok);
+        cp_async16(sK + so + k * RP * 128, kt + off + k * RP * D, ok);
+        cp_async16(sV + so + k * RP * 128, vt + off + k * RP * D, ok);
       }
     }
   };
+  // one iterator over the selected blocks: the blocks of tile it+1, read while tile it is computed, are the next
+  // iteration's
+  BitIter blocks;
+  blocks.init(bits, p.nW);
+  int kb0 = blocks.next();
+  int kb1 = kb0 >= 0 ? blocks.next() : -1;
 
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
-  load_next(0);
+  load_pair(kb0, kb1, 0);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -337,15 +342,11 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) wgmma_pv<BF, D>(o, pa[ks], wgmma_desc_sw128(cV + ks * 2048, PANEL, 1024));
   };
-  // Iteration it (tile it resident): load tile it+1; issue Q K^T(it), then P V(it-1); wait for the first; softmax
+  // Iteration it (tile it resident): issue Q K^T(it), then P V(it-1); load tile it+1; wait for Q K^T(it); softmax
   // of S(it) while P V(it-1) runs; wait for it; P(it) into pa.
   int it = 0;
   for (;; ++it) {
-    const int kb0 = cmp_it.next();
-    const int kb1 = kb0 >= 0 ? cmp_it.next() : -1;
     if (kb0 < 0 && it > 0) break;  // (a query block without any block would run tile 0 fully masked)
-    load_next((it + 1) % kStages);
-    cp_async_commit();
     float s[8][4];
     wgmma_fence();
 #pragma unroll
@@ -356,6 +357,10 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     wgmma_commit();
     if (it > 0) issue_pv((it - 1) % kStages);
     wgmma_commit();
+    const int nb0 = blocks.next();
+    const int nb1 = nb0 >= 0 ? blocks.next() : -1;
+    if (nb0 >= 0) load_pair(nb0, nb1, (it + 1) % kStages);
+    cp_async_commit();
     wgmma_wait<1>();  // Q K^T(it)
     reg_fence(s);
     // the second block missing (odd count) or keys past the causal limit -> -inf
@@ -379,6 +384,8 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     cp_async_wait<0>();  // tile it+1
     fence_proxy_async_smem();
     __syncthreads();     // every warp's Q K^T(it) and P V(it-1) done: slots it-1 and it may be refilled later
+    kb0 = nb0;
+    kb1 = nb1;
   }
   issue_pv((it - 1) % kStages);
   wgmma_commit();

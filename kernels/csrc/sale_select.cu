@@ -36,7 +36,7 @@ constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
-// and region B (stage B's integer K tiles with their sk / qm values, kStagesB deep) overlap; then, on the wgmma
+// and region B (stage B's integer K tiles with their sk / qm values and per-block qm maxima, kStagesB deep) overlap; then, on the wgmma
 // path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap words (HC * nW, sized by
 // the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64 leaves half of each row
 // unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes (conflict-free ldmatrix).
@@ -47,7 +47,8 @@ struct SelectSmem {
   static constexpr int IT_BYTES = kTileKeys * IRB;  // integer K tile
   static constexpr int F_BYTES = kTileKeys * 4;     // sk / qm of a tile
   static constexpr int ALIGN = WG ? 1024 : 16;
-  static constexpr int STAGE_B = (IT_BYTES + (1 + kMaxHC) * F_BYTES + ALIGN - 1) / ALIGN * ALIGN;
+  static constexpr int QMB_OFF = IT_BYTES + (1 + kMaxHC) * F_BYTES;  // [2 blocks][kMaxHC] block maxima of qm
+  static constexpr int STAGE_B = (QMB_OFF + 2 * kMaxHC * 4 + ALIGN - 1) / ALIGN * ALIGN;
   static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
   static constexpr int REGION_B = kStagesB * STAGE_B;
   static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
@@ -257,6 +258,9 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       } else if (tid < 16 + 16 * HC) {
         const int h = (tid - 16) / 16, c = (tid - 16) % 16;
         cp_async16(base + IT_BYTES + (1 + h) * F_BYTES + c * 16, qmg + (size_t)h * p.Lpad + key0 + c * 4, true);
+      } else if (tid < 16 + 18 * HC) {  // (the second block of the last tile may lie past bend: still < nKpad)
+        const int j = tid - 16 - 16 * HC, h = j / 2, hb = j % 2;
+        cp_async4(base + SM::QMB_OFF + (hb * kMaxHC + h) * 4, qmbg + (size_t)h * p.nKpad + key0 / kBlockK + hb);
       }
     };
 
@@ -281,10 +285,10 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         if (kb >= bend) break;  // uniform
         // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads
         // occupy shared memory and these loads would queue behind them): per head, the largest qm over the whole
-        // block; this thread's sk of its 8 keys
+        // block (copied with the tile); this thread's sk of its 8 keys
         float qmx[HC];
 #pragma unroll
-        for (int h = 0; h < HC; ++h) qmx[h] = (active >> h) & 1u ? __ldg(qmbg + (size_t)h * p.nKpad + kb) : 0.f;
+        for (int h = 0; h < HC; ++h) qmx[h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
         float2 skv[4];
 #pragma unroll
         for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
