@@ -363,16 +363,19 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     cp_async_commit();
     wgmma_wait<1>();  // Q K^T(it)
     reg_fence(s);
-    // the second block missing (odd count) or keys past the causal limit -> -inf
+    // the second block missing (odd count) or keys past the causal limit -> -inf, in place and only on the
+    // (rare, CTA-uniform) tiles that need it: key offset c of block kb is masked for row r when c > r - 32 kb (a
+    // missing block: a limit below every offset)
+    if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 > r0 || kb0 * kBlockK + kBlockK - 1 > r0) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int kb = h == 0 ? kb0 : kb1;
-      if (kb < 0) {
+      for (int h = 0; h < 2; ++h) {
+        const int kb = h == 0 ? kb0 : kb1;
+        const int lim = kb >= 0 ? row_a - kb * kBlockK - 2 * t : -64;
 #pragma unroll
-        for (int n = 4 * h; n < 4 * h + 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = -INFINITY;
-      } else if (kb * kBlockK + kBlockK - 1 > r0) {
+        for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], kb * kBlockK + n * 8, t, row_a);
+          for (int e = 0; e < 4; ++e)
+            if (n * 8 + (e & 1) > lim + (e < 2 ? 0 : 8)) s[4 * h + n][e] = -INFINITY;
       }
     }
     float corr_a, corr_b;

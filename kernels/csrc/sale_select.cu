@@ -236,23 +236,19 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
 
+    // this thread's 16-byte chunks of an integer K tile: chunk lc of rows lr + k * RPB. WG: key r, chunk c at
+    // r * 128 + (c ^ (r % 8)) * 16 (the 128-byte swizzle; RPB is a multiple of 8, so r % 8 = lr % 8); else rows
+    // padded to IRB bytes. Computed once: the copies of a tile then differ by constants.
+    constexpr int ICPR = IB / 16, RPB = kThreads / ICPR;
+    const int lr = tid / ICPR, lc = tid % ICPR;
+    const uint32_t t_soff = WG ? lr * 128 + ((lc ^ (lr % 8)) << 4) : lr * IRB + lc * 16;
+    const int8_t* kit = kig + (size_t)lr * IB + lc * 16;
     auto load_b = [&](int tile, int slot) {
       const int key0 = (bstart + 2 * tile) * kBlockK;
       const uint32_t base = sB + slot * STAGE_B;
-      constexpr int ICPR = IB / 16;
-      if constexpr (WG) {
-        // key r, 16-byte chunk c at r * 128 + (c ^ (r % 8)) * 16 (the 128-byte swizzle; 8 consecutive threads
-        // fill one row: conflict-free)
-        for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-          const int r = i / ICPR, c = i % ICPR;
-          cp_async16(base + r * 128 + ((c ^ (r % 8)) << 4), kig + (size_t)(key0 + r) * IB + c * 16, true);
-        }
-      } else {
-        for (int i = tid; i < kTileKeys * ICPR; i += kThreads) {
-          const int r = i / ICPR, c = i % ICPR;
-          cp_async16(base + r * IRB + c * 16, kig + (size_t)(key0 + r) * IB + c * 16, true);
-        }
-      }
+#pragma unroll
+      for (int k = 0; k < kTileKeys / RPB; ++k)
+        cp_async16(base + t_soff + k * RPB * IRB, kit + (size_t)(key0 + k * RPB) * IB, true);
       if (tid < 16) {
         cp_async16(base + IT_BYTES + tid * 16, skg + key0 + tid * 4, true);
       } else if (tid < 16 + 16 * HC) {
