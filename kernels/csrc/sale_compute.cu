@@ -319,6 +319,12 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
 
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
   load_pair(kb0, kb1, 0);
+  {  // V slot of "tile -1" zeroed, so that P V(-1) can be issued unconditionally (no branch between the wgmmas)
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    for (int i = tid; i < KV_BYTES / 16; i += kThreads)
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(sV + (kStages - 1) * KV_BYTES + i * 16), "r"(z.x),
+                   "r"(z.y), "r"(z.z), "r"(z.w) : "memory");
+  }
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -332,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
   const int row_a = r0 + warp * 16 + g;
-  uint32_t pa[4][4];  // P of the previous tile
+  uint32_t pa[4][4] = {};  // P of the previous tile (zero before tile 0: P V(-1) adds nothing)
 
   // O += P V of the tile in slot
   auto issue_pv = [&](int slot) {
@@ -355,7 +361,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
                        wgmma_desc_sw128(sK + (it % kStages) * KV_BYTES + (kk / 4) * PANEL + (kk % 4) * 32, 16, 1024),
                        kk > 0);
     wgmma_commit();
-    if (it > 0) issue_pv((it - 1) % kStages);
+    issue_pv((it + kStages - 1) % kStages);
     wgmma_commit();
     const int nb0 = blocks.next();
     const int nb1 = nb0 >= 0 ? blocks.next() : -1;
