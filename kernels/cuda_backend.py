@@ -42,7 +42,8 @@ COMPUTES = ("auto", "cuda", "flex")
 STOP_AFTER = (None, "quant", "select")
 # The faster computation pass per compute capability major, from `sale bench-op` (docs/PERF.md); "cuda" where
 # nothing was measured. H100 (9.x), 2026-11-25, 16K tokens, 64x32 blocks: own kernel (wgmma) 1.37 ms vs
-# FlexAttention 3.26 ms at density 0.22, 5.47 vs 13.86 ms dense.
+# FlexAttention 3.26 ms at density 0.22, 5.47 vs 13.86 ms dense; H200, 2026-11-26, 32K: 2.66 vs 7.14 ms at
+# density 0.13, 16.55 vs 43.44 ms dense.
 _DEFAULT_COMPUTE = {9: "cuda"}
 # The quantized copies of Q and K (and their per-row floats) that the selection reads: at most this many bytes
 # alive at once, by running quantization and selection over chunks of kv heads (and batch entries) when the
