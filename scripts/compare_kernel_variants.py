@@ -1,9 +1,10 @@
-"""A/B one pass of the SALE CUDA kernel on the GPU: build each given variant of kernels/csrc/sale_select.cu or
-sale_compute.cu as its own extension (the other sources from this checkout; builds run in parallel processes),
+"""A/B one pass of the SALE CUDA kernel on the GPU: build each given variant of kernels/csrc/sale_quant.cu,
+sale_select.cu or sale_compute.cu as its own extension (the other sources from this checkout; builds run in parallel processes),
 then time that pass alone, on the same inputs, against the checkout's build.
 
 Inputs: `sale bench-op`'s structured data (Llama-3.1-8B shapes, bf16), int8 estimate (per_token steps, as
-bench-op, or --group per_block), 64 sink tokens, 128-token window. `--stage select`: the quantized Q/K come from the checkout; a variant's bitmaps must equal the
+bench-op, or --group per_block), 64 sink tokens, 128-token window. `--stage quant`: a variant's six outputs must
+equal the checkout's bit for bit (the count of differing elements is printed). `--stage select`: the quantized Q/K come from the checkout; a variant's bitmaps must equal the
 checkout's bit for bit (the count of differing 32-bit words is printed). `--stage compute`: bitmaps from the
 checkout's selection at each tau; prints the largest output difference from the checkout and TFLOP/s over the
 computed 64x32 block pairs. Device machine only (needs CUDA and nvcc); sm_90a builds, as the backend makes for an
@@ -64,7 +65,7 @@ def median_ms(fn, reps: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="variant source files of the stage")
-    ap.add_argument("--stage", choices=("select", "compute"), required=True)
+    ap.add_argument("--stage", choices=("quant", "select", "compute"), required=True)
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--taus", default="0,0.008", help="comma-separated tau values (every head)")
     ap.add_argument("--reps", type=int, default=5)
@@ -80,6 +81,15 @@ def main():
     scale = 128 ** -0.5
     for length in (int(x) for x in args.lengths.split(",")):
         q, k, v = make_inputs("structured", length, 32, 8, 128, torch.bfloat16, seed=length)
+        if args.stage == "quant":
+            qargs = (q, k, args.group == "per_block", 8, scale)
+            ref = base.quantize(*qargs)
+            for name, mod in mods.items():
+                out = mod.quantize(*qargs)
+                diff = sum(int((x != y).sum()) for x, y in zip(out, ref, strict=True))
+                ms = median_ms(lambda m=mod, a=qargs: m.quantize(*a), args.reps)
+                print(f"L={length} {name:16s} quant {ms:8.2f} ms  differing elements vs checkout = {diff}", flush=True)
+            continue
         for tau_value in (float(x) for x in args.taus.split(",")):
             tau = torch.full((32,), tau_value, device="cuda")
             kint, sk, qint, sq, qm, qkm = base.quantize(q, k, args.group == "per_block", 8, scale)
