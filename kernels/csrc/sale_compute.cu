@@ -22,21 +22,26 @@ namespace {
 constexpr int kStages = 3;
 constexpr int kThreads = 128;
 
-// iterator over the set bits of a bitmap in global memory (uniform across the CTA)
+// iterator over the set bits of a bitmap in global memory (uniform across the CTA). AHEAD: the word after the
+// current one is loaded ahead, so its latency hides behind the current word's blocks (two more registers: the
+// mma.sync kernel, with two iterators, would spill)
+template <bool AHEAD>
 struct BitIter {
   const uint32_t* words;
   int nW, w;
-  uint32_t cur;
+  uint32_t cur, nxt;
   __device__ __forceinline__ void init(const uint32_t* p, int n) {
     words = p;
     nW = n;
     w = 0;
     cur = n > 0 ? __ldg(p) : 0u;
+    nxt = AHEAD && n > 1 ? __ldg(p + 1) : 0u;
   }
   __device__ __forceinline__ int next() {
     while (cur == 0u) {
       if (++w >= nW) return -1;
-      cur = __ldg(words + w);
+      cur = AHEAD ? nxt : __ldg(words + w);
+      if (AHEAD) nxt = w + 1 < nW ? __ldg(words + w + 1) : 0u;
     }
     const int b = __ffs(cur) - 1;
     cur &= cur - 1u;
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
   cp_async_commit();
 
-  BitIter ld_it, cmp_it;
+  BitIter<false> ld_it, cmp_it;
   ld_it.init(bits, p.nW);
   cmp_it.init(bits, p.nW);
 
@@ -312,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   };
   // one iterator over the selected blocks: the blocks of tile it+1, read while tile it is computed, are the next
   // iteration's
-  BitIter blocks;
+  BitIter<true> blocks;
   blocks.init(bits, p.nW);
   int kb0 = blocks.next();
   int kb1 = kb0 >= 0 ? blocks.next() : -1;
