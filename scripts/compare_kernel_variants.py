@@ -1,14 +1,15 @@
 """A/B one pass of the SALE CUDA kernel on the GPU: build each given variant of kernels/csrc/sale_quant.cu,
-sale_select.cu or sale_compute.cu as its own extension (the other sources from this checkout; builds run in parallel processes),
-then time that pass alone, on the same inputs, against the checkout's build.
+sale_select.cu or sale_compute.cu as its own extension (the other sources from this checkout; builds run in
+parallel processes), then time that pass alone, on the same inputs, against the checkout's build.
 
 Inputs: `sale bench-op`'s structured data (Llama-3.1-8B shapes, bf16), int8 estimate (per_token steps, as
 bench-op, or --group per_block), 64 sink tokens, 128-token window. `--stage quant`: a variant's six outputs must
-equal the checkout's bit for bit (the count of differing elements is printed). `--stage select`: the quantized Q/K come from the checkout; a variant's bitmaps must equal the
-checkout's bit for bit (the count of differing 32-bit words is printed). `--stage compute`: bitmaps from the
-checkout's selection at each tau; prints the largest output difference from the checkout and TFLOP/s over the
-computed 64x32 block pairs. Device machine only (needs CUDA and nvcc); sm_90a builds, as the backend makes for an
-H100. A variant file may #include another file of its own directory (e.g. one source with #if switches).
+equal the checkout's bit for bit (the count of differing elements is printed). `--stage select`: the quantized Q/K
+come from the checkout; a variant's bitmaps must equal the checkout's bit for bit (the count of differing 32-bit
+words is printed). `--stage compute`: bitmaps from the checkout's selection at each tau; prints the largest output
+difference from the checkout and TFLOP/s over the computed 64x32 block pairs. Device machine only (needs CUDA and
+nvcc); sm_90a builds, as the backend makes for an H100. A variant file may #include another file of its own
+directory (e.g. one source with #if switches).
 
     python3 scripts/compare_kernel_variants.py --stage select v1.cu v2.cu --lengths 32768,131072 --taus 0.008
 e.g. with a variant from git: git show 8655159:kernels/csrc/sale_compute.cu > /tmp/v_mma_sync.cu

@@ -324,12 +324,9 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
 
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
   load_pair(kb0, kb1, 0);
-  {  // V slot of "tile -1" zeroed, so that P V(-1) can be issued unconditionally (no branch between the wgmmas)
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-    for (int i = tid; i < KV_BYTES / 16; i += kThreads)
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(sV + (kStages - 1) * KV_BYTES + i * 16), "r"(z.x),
-                   "r"(z.y), "r"(z.z), "r"(z.w) : "memory");
-  }
+  // V slot of "tile -1" zeroed, so that P V(-1) can be issued unconditionally (no branch between the wgmmas)
+  for (int i = tid; i < KV_BYTES / 16; i += kThreads)
+    reinterpret_cast<uint4*>(smem + (2 * kStages - 1) * KV_BYTES)[i] = make_uint4(0u, 0u, 0u, 0u);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -375,18 +372,14 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     wgmma_wait<1>();  // Q K^T(it)
     reg_fence(s);
     // the second block missing (odd count) or keys past the causal limit -> -inf, in place and only on the
-    // (rare, CTA-uniform) tiles that need it: key offset c of block kb is masked for row r when c > r - 32 kb (a
-    // missing block: a limit below every offset)
+    // (rare, CTA-uniform) tiles that need it (a missing block: keys past every row)
     if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 > r0 || kb0 * kBlockK + kBlockK - 1 > r0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kb = h == 0 ? kb0 : kb1;
-        const int lim = kb >= 0 ? row_a - kb * kBlockK - 2 * t : -64;
+        const int key0 = kb >= 0 ? kb * kBlockK : p.L + kBlockQ;
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (n * 8 + (e & 1) > lim + (e < 2 ? 0 : 8)) s[4 * h + n][e] = -INFINITY;
+        for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], key0 + n * 8, t, row_a);
       }
     }
     float corr_a, corr_b;

@@ -36,10 +36,11 @@ constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
-// and region B (stage B's integer K tiles with their sk / qm values and per-block qm maxima, kStagesB deep) overlap; then, on the wgmma
-// path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap words (HC * nW, sized by
-// the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64 leaves half of each row
-// unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes (conflict-free ldmatrix).
+// and region B (stage B's integer K tiles with their sk / qm values and per-block qm maxima, kStagesB deep)
+// overlap; then, on the wgmma path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap
+// words (HC * nW, sized by the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64
+// leaves half of each row unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes
+// (conflict-free ldmatrix).
 template <int D, bool I4, bool WG>
 struct SelectSmem {
   static constexpr int IB = I4 ? D / 2 : D;  // bytes per quantized row
@@ -184,6 +185,12 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     __syncthreads();  // region A is reused by stage B; thr_s complete
 
     // ---------------- B: int8 estimate over candidate blocks, all heads of the CTA ----------------
+    // this thread's 16-byte chunks of an integer Q or K tile: chunk lc of rows lr + k * RPB. WG: row r, chunk c at
+    // r * 128 + (c ^ (r % 8)) * 16 (the 128-byte swizzle; RPB is a multiple of 8, so r % 8 = lr % 8); else rows
+    // padded to IRB bytes. Computed once: the copies of a tile then differ by constants.
+    constexpr int ICPR = IB / 16, RPB = kThreads / ICPR;
+    const int lr = tid / ICPR, lc = tid % ICPR;
+    const uint32_t t_soff = WG ? lr * 128 + ((lc ^ (lr % 8)) << 4) : lr * IRB + lc * 16;
     uint32_t qa[HC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
     float thr[HC][2], pre[HC][2], post[HC][2], sqr[HC][2];
     unsigned active = 0u;  // heads with tau > 0
@@ -193,16 +200,12 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       const int hq = hq0 + h;
       const bool act = p.tau[hq] > 0.f;
       active |= act ? (1u << h) : 0u;
-      if constexpr (WG) {
-        {  // Q tile of head h -> shared memory (joins the first cp.async group of the pipeline below)
-          const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0) * D;
-          const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * 128;
-          constexpr int ICPR = D / 16;
-          for (int i = tid; i < kBlockQ * ICPR; i += kThreads) {
-            const int r = i / ICPR, c = i % ICPR;
-            cp_async16(base + r * 128 + ((c ^ (r % 8)) << 4), qig + (size_t)r * D + c * 16, true);
-          }
-        }
+      if constexpr (WG) {  // Q tile of head h -> shared memory (joins the pipeline's first cp.async group)
+        const int8_t* qit = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + lr) * IB + lc * 16;
+        const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * 128;
+#pragma unroll
+        for (int k = 0; k < kBlockQ / RPB; ++k)
+          cp_async16(base + t_soff + k * RPB * 128, qit + (size_t)k * RPB * IB, true);
       } else {
         const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + warp * 16) * IB;
 #pragma unroll
@@ -235,14 +238,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const uint32_t sQi = sB + REGION;  // wgmma path
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
-
-    // this thread's 16-byte chunks of an integer K tile: chunk lc of rows lr + k * RPB. WG: key r, chunk c at
-    // r * 128 + (c ^ (r % 8)) * 16 (the 128-byte swizzle; RPB is a multiple of 8, so r % 8 = lr % 8); else rows
-    // padded to IRB bytes. Computed once: the copies of a tile then differ by constants.
-    constexpr int ICPR = IB / 16, RPB = kThreads / ICPR;
-    const int lr = tid / ICPR, lc = tid % ICPR;
-    const uint32_t t_soff = WG ? lr * 128 + ((lc ^ (lr % 8)) << 4) : lr * IRB + lc * 16;
     const int8_t* kit = kig + (size_t)lr * IB + lc * 16;
+
     auto load_b = [&](int tile, int slot) {
       const int key0 = (bstart + 2 * tile) * kBlockK;
       const uint32_t base = sB + slot * STAGE_B;
