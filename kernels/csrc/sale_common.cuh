@@ -131,9 +131,9 @@ __device__ __forceinline__ void mma_int(int (&c)[4], const uint32_t (&a)[4], uin
 // ---------------------------------------------------------------------------------------------
 // Hopper warpgroup MMA (sm_90a only). Shared-memory operands are described by descriptors (start address, LBO,
 // SBO, layout type); the kernels use the 128-byte swizzle layout (wgmma_desc_sw128), which the tensor cores read
-// far faster than the no-swizzle one (docs/PERF_KERNEL_NOTES.md). int8 m64n32k32: A = 64 rows x 32 bytes and
-// B = 32 keys x 32 bytes, both K-major. The accumulator layout per warp (rows 16 * warp + 0..15) equals
-// mma.m16n8k32's C layout for n8 chunks 0..3.
+// far faster than the no-swizzle one (docs/PERF_KERNEL_NOTES.md). int8 m64n64k32: A = 64 rows x 32 bytes and
+// B = 64 keys x 32 bytes, both K-major. The accumulator layout per warp (rows 16 * warp + 0..15) equals
+// mma.m16n8k32's C layout for n8 chunks 0..7.
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SALE_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
@@ -169,21 +169,25 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   SALE_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // keep the compiler from moving accumulator accesses across wgmma issue / wait
-__device__ __forceinline__ void reg_fence(int (&d)[4][4]) {
+template <int N>
+__device__ __forceinline__ void reg_fence(int (&d)[N][4]) {
 #pragma unroll
-  for (int n = 0; n < 4; ++n)
+  for (int n = 0; n < N; ++n)
     asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
 }
-// d = (accumulate ? d : 0) + A(64 rows x 32 s8, smem descriptor) * B(32 keys x 32 s8, smem descriptor)
-__device__ __forceinline__ void wgmma_s8_m64n32k32_ss(int (&d)[4][4], uint64_t desc_a, uint64_t desc_b,
+// d = (accumulate ? d : 0) + A(64 rows x 32 s8, smem descriptor) * B(64 keys x 32 s8, smem descriptor)
+__device__ __forceinline__ void wgmma_s8_m64n64k32_ss(int (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
                                                       int accumulate) {
   SALE_WGMMA_ASM(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.s32.s8.s8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p;\n}\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+      ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p;\n}\n"
       : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]),
         "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]),
-        "+r"(d[3][2]), "+r"(d[3][3])
+        "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]),
+        "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]), "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]),
+        "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 

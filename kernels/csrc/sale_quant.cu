@@ -75,46 +75,59 @@ __global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
     for (int e = 0; e < EPL; ++e) kmean[e] = p.kmean[(size_t)kvrow * D + lane * EPL + e];
   }
 
+  // the warp's rows in two batches of 8, each batch loaded before any store (the stores below could alias x, which
+  // keeps the compiler from hoisting later rows' loads above them: one memory latency per row; 16 rows at once
+  // cost 155 registers, 3 CTAs per SM instead of 4)
   float val[16][EPL];
 #pragma unroll
-  for (int rr = 0; rr < 16; ++rr) {
-    const int row = row0 + warp * 16 + rr;
-    float am = 0.f;
-    float kd = 0.f;
-    if (row < p.L) {
+  for (int c8 = 0; c8 < 2; ++c8) {
+    uint32_t raw[8][EPL / 2];
+#pragma unroll
+    for (int r8 = 0; r8 < 8; ++r8) {
+      const int rr = c8 * 8 + r8;
+      const int row = row0 + warp * 16 + rr;
       const T* src = xb + (size_t)row * D + lane * EPL;
-      float f[EPL];
       if constexpr (EPL == 4) {
-        const uint2 u = *reinterpret_cast<const uint2*>(src);
-        const float2 f0 = TypeTraits<T>::unpack2(u.x), f1 = TypeTraits<T>::unpack2(u.y);
-        f[0] = f0.x;
-        f[1] = f0.y;
-        f[2] = f1.x;
-        f[3] = f1.y;
+        const uint2 u = row < p.L ? *reinterpret_cast<const uint2*>(src) : make_uint2(0u, 0u);
+        raw[r8][0] = u.x;
+        raw[r8][1] = u.y;
       } else {
-        const uint32_t u = *reinterpret_cast<const uint32_t*>(src);
-        const float2 f0 = TypeTraits<T>::unpack2(u);
-        f[0] = f0.x;
-        f[1] = f0.y;
+        raw[r8][0] = row < p.L ? *reinterpret_cast<const uint32_t*>(src) : 0u;
       }
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        if (want_qkm) kd = fmaf(f[e], kmean[e], kd);
-        val[rr][e] = f[e] - mean[e];
-        am = fmaxf(am, fabsf(val[rr][e]));
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) val[rr][e] = 0.f;
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-    if (want_qkm) {
+    for (int r8 = 0; r8 < 8; ++r8) {
+      const int rr = c8 * 8 + r8;
+      const int row = row0 + warp * 16 + rr;
+      float am = 0.f;
+      float kd = 0.f;
+      if (row < p.L) {
+        float f[EPL];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) kd += __shfl_xor_sync(0xffffffffu, kd, o);
-      if (lane == 0) p.qkm[(size_t)bh * p.Lpad + row] = p.scale * kd;
+        for (int e = 0; e < EPL / 2; ++e) {
+          const float2 fe = TypeTraits<T>::unpack2(raw[r8][e]);
+          f[2 * e] = fe.x;
+          f[2 * e + 1] = fe.y;
+        }
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) {
+          if (want_qkm) kd = fmaf(f[e], kmean[e], kd);
+          val[rr][e] = f[e] - mean[e];
+          am = fmaxf(am, fabsf(val[rr][e]));
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPL; ++e) val[rr][e] = 0.f;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+      if (want_qkm) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) kd += __shfl_xor_sync(0xffffffffu, kd, o);
+        if (lane == 0) p.qkm[(size_t)bh * p.Lpad + row] = p.scale * kd;
+      }
+      if (lane == 0) amax_s[warp * 16 + rr] = am;
     }
-    if (lane == 0) amax_s[warp * 16 + rr] = am;
   }
   __syncthreads();
 

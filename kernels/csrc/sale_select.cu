@@ -7,13 +7,14 @@
 //      per-row threshold thr_i = m_i + ln(tau) + ln(l_i) (+inf for rows past L), kept in shared memory.
 //   B. for every visible key block outside R (a contiguous range [nsink, lstart)), the integer estimate
 //      zhat_ij = scale * ((sq_i * sk_j) * (Qint_i . Kint_j) + qm_j), exact int32 dot products: int8 with
-//      wgmma m64n32k32 (sm_90a) or mma.sync m16n8k32, packed int4 with mma.sync m16n8k64; the block is selected
+//      wgmma m64n64k32 (sm_90a) or mma.sync m16n8k32, packed int4 with mma.sync m16n8k64; the block is selected
 //      iff some row i and key j have zhat_ij > thr_i. Data flow:
-//      * every integer K tile (64 keys, 16-byte cp.async, 3-stage pipeline) in shared memory serves the HC
-//        heads of the CTA (wgmma: Q tiles in shared memory, one chain per head per 32-key block, the tests of
-//        head h overlapping the MMAs of heads h+1..; the chains of all HC heads are issued with no branch in
-//        between, which ptxas would answer with a warpgroup.arrive before every chain; mma.sync: K fragments
-//        loaded once per warp and k-step, Q fragments of all heads in registers, heads interleaved);
+//      * every integer K tile (64 keys = 2 blocks, 16-byte cp.async, 3-stage pipeline) in shared memory serves
+//        the HC heads of the CTA (wgmma: Q tiles in shared memory, one chain per head over both blocks, in two
+//        accumulator sets, so head h is tested while h + 1 runs and h + 2 is issued after; every head's chain is
+//        issued, with no branch around it, which ptxas would answer with a warpgroup.arrive; mma.sync: per
+//        block, K fragments loaded once per warp and k-step, Q fragments of all heads in registers, heads
+//        interleaved);
 //      * row bound, 2 tests per thread: fma(sq_i * max_j acc_ij, max sk over the thread's keys, max qm over
 //        the block) against the prefilter bound; only warps where it passes go on;
 //      * prefilter: z' = fma(sq_i * acc, sk_j, qm_j) against (thr_i -+ margin) / scale: an element over the upper
@@ -257,6 +258,60 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       }
     };
 
+    // the tests of key block kb (half `half` of the tile in slot sks) for head h on this thread's accumulators
+    // a[n0 .. n0 + 3] (rows g and g + 8, 8 keys); sets the block's bit when some element passes
+    auto test_block = [&](const auto& a, const int n0, const int h, const int kb, const int half, const float skm,
+                          const float qmx, const float2 (&skv)[4], const float* sks) {
+      // row bound (2 tests per thread instead of 8 per row): with x = sq_i * acc_ij (rounded) and sk_j >= 0,
+      // fma(x, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone; sk
+      // over the thread's 8 keys, qm over the block), so when this bound fails the prefilter fails for every key of
+      // the row, and so does the exact test
+      int am0 = 0, am1 = 0;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        am0 = max(am0, max(a[n0 + n][0], a[n0 + n][1]));
+        am1 = max(am1, max(a[n0 + n][2], a[n0 + n][3]));
+      }
+      const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
+                      (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
+      if (!__any_sync(0xffffffffu, rb)) return;
+      // another warp already selected this block for head h (one shared load, uniform within the warp)
+      if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) return;
+      const float* qms = sks + (1 + h) * kTileKeys;
+      float2 qmv[4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
+      // prefilter: some element over pre is a candidate; one over post is a sure pass (no exact test needed)
+      bool cand = false, sure = false;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const float a0 = sqr[h][0] * (float)a[n0 + n][0], a1 = sqr[h][0] * (float)a[n0 + n][1];
+        const float a2 = sqr[h][1] * (float)a[n0 + n][2], a3 = sqr[h][1] * (float)a[n0 + n][3];
+        const float z0 = fmaf(a0, skv[n].x, qmv[n].x), z1 = fmaf(a1, skv[n].y, qmv[n].y);
+        const float z2 = fmaf(a2, skv[n].x, qmv[n].x), z3 = fmaf(a3, skv[n].y, qmv[n].y);
+        cand |= (z0 > pre[h][0]) | (z1 > pre[h][0]) | (z2 > pre[h][1]) | (z3 > pre[h][1]);
+        sure |= (z0 > post[h][0]) | (z1 > post[h][0]) | (z2 > post[h][1]) | (z3 > post[h][1]);
+      }
+      if (!__any_sync(0xffffffffu, cand)) return;
+      if (__any_sync(0xffffffffu, sure)) {
+        if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
+        return;
+      }
+      // exact test, the reference's fp32 order: zhat = scale * ((sq * sk) * acc + qm), no contraction
+      bool pass = false;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const float s0 = __fmul_rn(sqr[h][0], skv[n].x), s1 = __fmul_rn(sqr[h][0], skv[n].y);
+        const float s2 = __fmul_rn(sqr[h][1], skv[n].x), s3 = __fmul_rn(sqr[h][1], skv[n].y);
+        const float z0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, (float)a[n0 + n][0]), qmv[n].x));
+        const float z1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, (float)a[n0 + n][1]), qmv[n].y));
+        const float z2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, (float)a[n0 + n][2]), qmv[n].x));
+        const float z3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, (float)a[n0 + n][3]), qmv[n].y));
+        pass |= (z0 > thr[h][0]) | (z1 > thr[h][0]) | (z2 > thr[h][1]) | (z3 > thr[h][1]);
+      }
+      if (__any_sync(0xffffffffu, pass) && lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
+    };
+
 #pragma unroll
     for (int s = 0; s < kStagesB - 1; ++s) {
       if (s < ntile) load_b(s, s);
@@ -272,139 +327,101 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       const uint32_t cKi = sB + slot * STAGE_B;
       const float* sks = reinterpret_cast<const float*>(sBp + slot * STAGE_B + IT_BYTES);
       const int kb0 = bstart + 2 * it;
+      // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads occupy
+      // shared memory and these loads would queue behind them): per head, the largest qm over the whole block
+      // (copied with the tile); this thread's sk of its 8 keys and their maximum (sk >= 0)
+      float qmx[2][HC], skm[2];
+      float2 skv[2][4];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int kb = kb0 + half;
-        if (kb >= bend) break;  // uniform
-        // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads
-        // occupy shared memory and these loads would queue behind them): per head, the largest qm over the whole
-        // block (copied with the tile); this thread's sk of its 8 keys
-        float qmx[HC];
 #pragma unroll
-        for (int h = 0; h < HC; ++h) qmx[h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
-        float2 skv[4];
+        for (int h = 0; h < HC; ++h) qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
 #pragma unroll
-        for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
-        int acc[HC][4][4];
-        unsigned need = 0u;
-        if constexpr (WG) {
-        // one warpgroup-wide int8 wgmma chain (4 k-steps) per head (inactive ones too: no branch), one commit
-        // group per head, so the tests of head h overlap the tensor-core work of heads h+1.. (need = active:
-        // CTA-uniform). Descriptors: k chunk kk and head h add (kk * 32 + h * 64 * 128) / 16 to the address field
-        // of the first chunk's (no carry: shared addresses are below 256 KiB).
-        need = active;
+        for (int n = 0; n < 4; ++n) skv[half][n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        skm[half] = fmaxf(fmaxf(fmaxf(skv[half][0].x, skv[half][0].y), fmaxf(skv[half][1].x, skv[half][1].y)),
+                          fmaxf(fmaxf(skv[half][2].x, skv[half][2].y), fmaxf(skv[half][3].x, skv[half][3].y)));
+      const int nb = kb0 + 1 < bend ? 2 : 1;  // the last tile may hold one candidate block
+      if constexpr (WG) {
+        // one warpgroup-wide int8 wgmma chain m64n64k32 (4 k-steps, both blocks of the tile) per head, one commit
+        // group each, in two accumulator sets: heads h and h + 1 in flight while head h is tested, head h + 2 issued
+        // into head h's set once its tests are done. Inactive heads are issued too (no branch between chains, which
+        // ptxas would answer with a warpgroup.arrive). Descriptors: k chunk kk and head h add
+        // (kk * 32 + h * 64 * 128) / 16 to the address field of the first chunk's (no carry: shared addresses are
+        // below 256 KiB).
         const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
-        const uint64_t dk0 = wgmma_desc_sw128(cKi + half * kBlockK * 128, 16, 1024);
-#pragma unroll
-        for (int h = 0; h < HC; ++h) reg_fence(acc[h]);
-        wgmma_fence();
-#pragma unroll
-        for (int h = 0; h < HC; ++h) {
+        const uint64_t dk0 = wgmma_desc_sw128(cKi, 16, 1024);
+        int acc[2][8][4];
+        auto issue = [&](const int h, int (&a)[8][4]) {
+          reg_fence(a);
+          wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < D / 32; ++kk)
-            wgmma_s8_m64n32k32_ss(acc[h], dq0 + (h * kBlockQ * 128 + kk * 32) / 16, dk0 + kk * 2, kk > 0);
+            wgmma_s8_m64n64k32_ss(a, dq0 + (h * kBlockQ * 128 + kk * 32) / 16, dk0 + kk * 2, kk > 0);
           wgmma_commit();
-        }
-        } else {
-        // heads that still need this block (a benign race on bits set by other warps: bits are only added)
-        if (lane == 0) {
-#pragma unroll
-          for (int h = 0; h < HC; ++h) {
-            const uint32_t wbits = reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)];
-            need |= ((wbits >> (kb & 31)) & 1u) ? 0u : (1u << h);
-          }
-          need &= active;
-        }
-        need = __shfl_sync(0xffffffffu, need, 0);
-        if (need == 0u) continue;
-        // integer mma of every active head, interleaved (16 independent accumulator chains per warp)
-#pragma unroll
-        for (int h = 0; h < HC; ++h)
-#pragma unroll
-          for (int n = 0; n < 4; ++n) acc[h][n][0] = acc[h][n][1] = acc[h][n][2] = acc[h][n][3] = 0;
-#pragma unroll
-        for (int kk = 0; kk < IB / 32; ++kk) {
-          uint32_t kf[2][4];
-#pragma unroll
-          for (int np = 0; np < 2; ++np) {
-            const int mi = lane / 8, r = lane % 8;
-            const int key = half * 32 + np * 16 + (mi / 2) * 8 + r;
-            const int byte = kk * 32 + (mi % 2) * 16;
-            ldmatrix_x4(cKi + key * IRB + byte, kf[np][0], kf[np][1], kf[np][2], kf[np][3]);
-          }
-#pragma unroll
-          for (int h = 0; h < HC; ++h) {
-            if (!((need >> h) & 1u)) continue;  // uniform
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-              mma_int<I4>(acc[h][2 * np], qa[h][kk], kf[np][0], kf[np][1]);
-              mma_int<I4>(acc[h][2 * np + 1], qa[h][kk], kf[np][2], kf[np][3]);
-            }
-          }
-        }
-        }
-        // the largest sk over this thread's 8 keys (sk >= 0), for the row bound
-        const float skm = fmaxf(fmaxf(fmaxf(skv[0].x, skv[0].y), fmaxf(skv[1].x, skv[1].y)),
-                                fmaxf(fmaxf(skv[2].x, skv[2].y), fmaxf(skv[3].x, skv[3].y)));
+        };
+        issue(0, acc[0]);
+        if constexpr (HC > 1) issue(1, acc[1]);
 #pragma unroll
         for (int h = 0; h < HC; ++h) {
-          if constexpr (WG) {
-            wgmma_wait_upto3(HC - 1 - h);  // head h's group done
-            reg_fence(acc[h]);
-          }
-          if (!((need >> h) & 1u)) continue;  // uniform
-          // row bound (2 tests per thread instead of 8 per row): with a = sq_i * acc_ij (rounded) and sk_j >= 0,
-          // fma(a, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone;
-          // sk over the thread's 8 keys, qm over the block), so when this bound fails the prefilter fails for
-          // every key of the row, and so does the exact test
-          {
-            int am0 = 0, am1 = 0;
+          wgmma_wait_upto3(min(1, HC - 1 - h));  // head h's group done
+          reg_fence(acc[h & 1]);
+          if ((active >> h) & 1u) {  // CTA-uniform
 #pragma unroll
-            for (int n = 0; n < 4; ++n) {
-              am0 = max(am0, max(acc[h][n][0], acc[h][n][1]));
-              am1 = max(am1, max(acc[h][n][2], acc[h][n][3]));
+            for (int half = 0; half < 2; ++half)
+              if (half < nb)
+                test_block(acc[h & 1], 4 * half, h, kb0 + half, half, skm[half], qmx[half][h], skv[half], sks);
+          }
+          if (h + 2 < HC) issue(h + 2, acc[h & 1]);
+        }
+      } else {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          if (half >= nb) break;  // uniform
+          const int kb = kb0 + half;
+          // heads that still need this block (a benign race on bits set by other warps: bits are only added)
+          unsigned need = 0u;
+          if (lane == 0) {
+#pragma unroll
+            for (int h = 0; h < HC; ++h) {
+              const uint32_t wbits = reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)];
+              need |= ((wbits >> (kb & 31)) & 1u) ? 0u : (1u << h);
             }
-            const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx[h]) > pre[h][0]) |
-                            (fmaf(sqr[h][1] * (float)am1, skm, qmx[h]) > pre[h][1]);
-            if (!__any_sync(0xffffffffu, rb)) continue;
+            need &= active;
           }
-          if constexpr (WG) {
-            // another warp already selected this block for head h (one shared load, uniform within the warp)
-            if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) continue;
-          }
-          const float* qms = sks + (1 + h) * kTileKeys;
-          float2 qmv[4];
+          need = __shfl_sync(0xffffffffu, need, 0);
+          if (need == 0u) continue;
+          // integer mma of every head that needs the block, interleaved (16 independent accumulator chains per warp)
+          int acc[HC][4][4];
 #pragma unroll
-          for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
-          // prefilter: some element over pre is a candidate; one over post is a sure pass (no exact test needed)
-          bool cand = false, sure = false;
+          for (int h = 0; h < HC; ++h)
 #pragma unroll
-          for (int n = 0; n < 4; ++n) {
-            const float a0 = sqr[h][0] * (float)acc[h][n][0], a1 = sqr[h][0] * (float)acc[h][n][1];
-            const float a2 = sqr[h][1] * (float)acc[h][n][2], a3 = sqr[h][1] * (float)acc[h][n][3];
-            const float z0 = fmaf(a0, skv[n].x, qmv[n].x), z1 = fmaf(a1, skv[n].y, qmv[n].y);
-            const float z2 = fmaf(a2, skv[n].x, qmv[n].x), z3 = fmaf(a3, skv[n].y, qmv[n].y);
-            cand |= (z0 > pre[h][0]) | (z1 > pre[h][0]) | (z2 > pre[h][1]) | (z3 > pre[h][1]);
-            sure |= (z0 > post[h][0]) | (z1 > post[h][0]) | (z2 > post[h][1]) | (z3 > post[h][1]);
-          }
-          if (!__any_sync(0xffffffffu, cand)) continue;
-          if (__any_sync(0xffffffffu, sure)) {
-            if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
-            continue;
-          }
-          // exact test, the reference's fp32 order: zhat = scale * ((sq * sk) * acc + qm), no contraction
-          bool pass = false;
+            for (int n = 0; n < 4; ++n) acc[h][n][0] = acc[h][n][1] = acc[h][n][2] = acc[h][n][3] = 0;
 #pragma unroll
-          for (int n = 0; n < 4; ++n) {
-            const float s0 = __fmul_rn(sqr[h][0], skv[n].x), s1 = __fmul_rn(sqr[h][0], skv[n].y);
-            const float s2 = __fmul_rn(sqr[h][1], skv[n].x), s3 = __fmul_rn(sqr[h][1], skv[n].y);
-            const float z0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, (float)acc[h][n][0]), qmv[n].x));
-            const float z1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, (float)acc[h][n][1]), qmv[n].y));
-            const float z2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, (float)acc[h][n][2]), qmv[n].x));
-            const float z3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, (float)acc[h][n][3]), qmv[n].y));
-            pass |= (z0 > thr[h][0]) | (z1 > thr[h][0]) | (z2 > thr[h][1]) | (z3 > thr[h][1]);
+          for (int kk = 0; kk < IB / 32; ++kk) {
+            uint32_t kf[2][4];
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+              const int mi = lane / 8, r = lane % 8;
+              const int key = half * 32 + np * 16 + (mi / 2) * 8 + r;
+              const int byte = kk * 32 + (mi % 2) * 16;
+              ldmatrix_x4(cKi + key * IRB + byte, kf[np][0], kf[np][1], kf[np][2], kf[np][3]);
+            }
+#pragma unroll
+            for (int h = 0; h < HC; ++h) {
+              if (!((need >> h) & 1u)) continue;  // uniform
+#pragma unroll
+              for (int np = 0; np < 2; ++np) {
+                mma_int<I4>(acc[h][2 * np], qa[h][kk], kf[np][0], kf[np][1]);
+                mma_int<I4>(acc[h][2 * np + 1], qa[h][kk], kf[np][2], kf[np][3]);
+              }
+            }
           }
-          if (__any_sync(0xffffffffu, pass) && lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
+#pragma unroll
+          for (int h = 0; h < HC; ++h)
+            if ((need >> h) & 1u) test_block(acc[h], 0, h, kb, half, skm[half], qmx[half][h], skv[half], sks);
         }
       }
     }
