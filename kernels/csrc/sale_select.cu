@@ -258,23 +258,25 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       }
     };
 
-    // the tests of key block kb (half `half` of the tile in slot sks) for head h on this thread's accumulators
-    // a[n0 .. n0 + 3] (rows g and g + 8, 8 keys); sets the block's bit when some element passes
-    auto test_block = [&](const auto& a, const int n0, const int h, const int kb, const int half, const float skm,
-                          const float qmx, const float2 (&skv)[4], const float* sks) {
-      // row bound (2 tests per thread instead of 8 per row): with x = sq_i * acc_ij (rounded) and sk_j >= 0,
-      // fma(x, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone; sk
-      // over the thread's 8 keys, qm over the block), so when this bound fails the prefilter fails for every key of
-      // the row, and so does the exact test
+    // the tests of one key block for head h on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8, 8 keys)
+    // row bound (2 tests per thread instead of 8 per row): with x = sq_i * acc_ij (rounded) and sk_j >= 0,
+    // fma(x, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone; sk over
+    // the thread's 8 keys, qm over the block), so when this bound fails in every row of the warp the prefilter fails
+    // for every key of those rows, and so does the exact test
+    auto row_bound = [&](const auto& a, const int n0, const int h, const float skm, const float qmx) {
       int am0 = 0, am1 = 0;
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         am0 = max(am0, max(a[n0 + n][0], a[n0 + n][1]));
         am1 = max(am1, max(a[n0 + n][2], a[n0 + n][3]));
       }
-      const bool rb = (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
-                      (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
-      if (!__any_sync(0xffffffffu, rb)) return;
+      return (fmaf(sqr[h][0] * (float)am0, skm, qmx) > pre[h][0]) |
+             (fmaf(sqr[h][1] * (float)am1, skm, qmx) > pre[h][1]);
+    };
+    // the rest, for a warp where the row bound passed for block kb (half `half` of the tile in slot sks): sets the
+    // block's bit when some element passes
+    auto test_block = [&](const auto& a, const int n0, const int h, const int kb, const int half,
+                          const float2 (&skv)[4], const float* sks) {
       // another warp already selected this block for head h (one shared load, uniform within the warp)
       if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) return;
       const float* qms = sks + (1 + h) * kTileKeys;
@@ -368,11 +370,12 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         for (int h = 0; h < HC; ++h) {
           wgmma_wait_upto3(min(1, HC - 1 - h));  // head h's group done
           reg_fence(acc[h & 1]);
-          if ((active >> h) & 1u) {  // CTA-uniform
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-              if (half < nb)
-                test_block(acc[h & 1], 4 * half, h, kb0 + half, half, skm[half], qmx[half][h], skv[half], sks);
+          if ((active >> h) & 1u) {  // CTA-uniform; both blocks' row bounds first (two independent chains)
+            const bool rb0 = row_bound(acc[h & 1], 0, h, skm[0], qmx[0][h]);
+            const bool rb1 = row_bound(acc[h & 1], 4, h, skm[1], qmx[1][h]) & (nb == 2);
+            const bool go0 = __any_sync(0xffffffffu, rb0), go1 = __any_sync(0xffffffffu, rb1);
+            if (go0) test_block(acc[h & 1], 0, h, kb0, 0, skv[0], sks);
+            if (go1) test_block(acc[h & 1], 4, h, kb0 + 1, 1, skv[1], sks);
           }
           if (h + 2 < HC) issue(h + 2, acc[h & 1]);
         }
@@ -421,7 +424,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           }
 #pragma unroll
           for (int h = 0; h < HC; ++h)
-            if ((need >> h) & 1u) test_block(acc[h], 0, h, kb, half, skm[half], qmx[half][h], skv[half], sks);
+            if (((need >> h) & 1u) && __any_sync(0xffffffffu, row_bound(acc[h], 0, h, skm[half], qmx[half][h])))
+              test_block(acc[h], 0, h, kb, half, skv[half], sks);
         }
       }
     }
