@@ -119,6 +119,19 @@ def _choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor, **options) -
     return "reference"
 
 
+def check_thresholds_values(thresholds: torch.Tensor) -> None:
+    """Raise ValueError unless every tau is finite and >= 0; one device sync for a CUDA tensor (the messages are
+    worked out only on failure)."""
+    if bool((torch.isfinite(thresholds) & (thresholds >= 0)).all()):
+        return
+    tau = thresholds.detach().float().cpu()
+    if torch.isnan(tau).any():
+        raise ValueError("thresholds must not contain NaN")
+    if (tau < 0).any():
+        raise ValueError(f"thresholds must be >= 0 (0 = dense head), got min {tau.min().item():g}")
+    raise ValueError("thresholds must be finite")
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -162,13 +175,8 @@ def _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_wind
         raise ValueError(f"thresholds must have shape [{Hq}] (one tau per query head), got {tuple(thresholds.shape)}")
     if not thresholds.is_floating_point():
         raise ValueError(f"thresholds must be a floating-point tensor, got {thresholds.dtype}")
+    check_thresholds_values(thresholds)
     tau = thresholds.detach().to(device=q.device, dtype=torch.float32)
-    if torch.isnan(tau).any():
-        raise ValueError("thresholds must not contain NaN")
-    if (tau < 0).any():
-        raise ValueError(f"thresholds must be >= 0 (0 = dense head), got min {tau.min().item():g}")
-    if torch.isinf(tau).any():
-        raise ValueError("thresholds must be finite")
 
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")

@@ -198,6 +198,7 @@ def _bad_calls():
     yield "thresholds must have shape [4]", (q, k, v, torch.zeros(2, 4)), {}
     yield "NaN", (q, k, v, torch.tensor([0.0, float("nan"), 0, 0])), {}
     yield ">= 0", (q, k, v, torch.tensor([0.0, -1e-3, 0, 0])), {}
+    yield "finite", (q, k, v, torch.tensor([0.0, float("inf"), 0, 0])), {}
     yield "thresholds must be a torch.Tensor", (q, k, v, [0.0] * 4), {}
     yield "estimate must be one of", (q, k, v, t), {"estimate": "int2"}
     yield "quant_group must be one of", (q, k, v, t), {"quant_group": "per_head"}
