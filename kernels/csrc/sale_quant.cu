@@ -8,6 +8,11 @@
 
 namespace sale {
 
+namespace {
+constexpr int kQuantRowsPerWarp = 8;
+constexpr int kQuantThreads = 64 / kQuantRowsPerWarp * 32;  // one CTA per 64 rows
+}  // namespace
+
 template <typename T, int D>
 __global__ void __launch_bounds__(128) colsum_partial_kernel(const T* __restrict__ x, float* __restrict__ partial,
                                                              int L, int nchunk) {
@@ -46,9 +51,10 @@ __global__ void __launch_bounds__(128) colsum_partial_kernel(const T* __restrict
   }
 }
 
-// One CTA = 64 rows (4 warps x 16 rows), one warp per row at a time, EPL = D/32 channels per lane.
+// One CTA = 64 rows (8 warps x 8 rows), one warp per row at a time, EPL = D/32 channels per lane. 8 rows per warp
+// keep it at 64 registers, 4 CTAs (32 warps) per SM: 23% faster than 4 warps x 16 rows (122 registers, 16 warps).
 template <typename T, int D>
-__global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
+__global__ void __launch_bounds__(kQuantThreads, 4) smooth_quant_kernel(QuantParams p) {
   constexpr int EPL = D / 32;
   __shared__ float amax_s[64];
   __shared__ float qmean_s[16][D];
@@ -60,7 +66,7 @@ __global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
   const int b = bh / p.H, h = bh % p.H;
   if (isK) {
     const int Hq = p.H * p.G;
-    for (int i = threadIdx.x; i < p.G * D; i += 128)
+    for (int i = threadIdx.x; i < p.G * D; i += kQuantThreads)
       qmean_s[i / D][i % D] = p.qmean[((size_t)b * Hq + h * p.G + i / D) * D + (i % D)];
   }
   float mean[EPL];
@@ -75,66 +81,61 @@ __global__ void __launch_bounds__(128, 1) smooth_quant_kernel(QuantParams p) {
     for (int e = 0; e < EPL; ++e) kmean[e] = p.kmean[(size_t)kvrow * D + lane * EPL + e];
   }
 
-  // the warp's rows in two batches of 8, each batch loaded before any store (the stores below could alias x, which
-  // keeps the compiler from hoisting later rows' loads above them: one memory latency per row; 16 rows at once
-  // cost 155 registers, 3 CTAs per SM instead of 4)
-  float val[16][EPL];
+  // the warp's rows are loaded before any store (the stores below could alias x, which keeps the compiler from
+  // hoisting later rows' loads above them: one memory latency per row)
+  constexpr int RPW = kQuantRowsPerWarp;
+  uint32_t raw[RPW][EPL / 2];
 #pragma unroll
-  for (int c8 = 0; c8 < 2; ++c8) {
-    uint32_t raw[8][EPL / 2];
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int row = row0 + warp * RPW + rr;
+    const T* src = xb + (size_t)row * D + lane * EPL;
+    if constexpr (EPL == 4) {
+      const uint2 u = row < p.L ? *reinterpret_cast<const uint2*>(src) : make_uint2(0u, 0u);
+      raw[rr][0] = u.x;
+      raw[rr][1] = u.y;
+    } else {
+      raw[rr][0] = row < p.L ? *reinterpret_cast<const uint32_t*>(src) : 0u;
+    }
+  }
+  float val[RPW][EPL];
 #pragma unroll
-    for (int r8 = 0; r8 < 8; ++r8) {
-      const int rr = c8 * 8 + r8;
-      const int row = row0 + warp * 16 + rr;
-      const T* src = xb + (size_t)row * D + lane * EPL;
-      if constexpr (EPL == 4) {
-        const uint2 u = row < p.L ? *reinterpret_cast<const uint2*>(src) : make_uint2(0u, 0u);
-        raw[r8][0] = u.x;
-        raw[r8][1] = u.y;
-      } else {
-        raw[r8][0] = row < p.L ? *reinterpret_cast<const uint32_t*>(src) : 0u;
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int row = row0 + warp * RPW + rr;
+    float am = 0.f;
+    float kd = 0.f;
+    if (row < p.L) {
+      float f[EPL];
+#pragma unroll
+      for (int e = 0; e < EPL / 2; ++e) {
+        const float2 fe = TypeTraits<T>::unpack2(raw[rr][e]);
+        f[2 * e] = fe.x;
+        f[2 * e + 1] = fe.y;
       }
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) {
+        if (want_qkm) kd = fmaf(f[e], kmean[e], kd);
+        val[rr][e] = f[e] - mean[e];
+        am = fmaxf(am, fabsf(val[rr][e]));
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) val[rr][e] = 0.f;
     }
 #pragma unroll
-    for (int r8 = 0; r8 < 8; ++r8) {
-      const int rr = c8 * 8 + r8;
-      const int row = row0 + warp * 16 + rr;
-      float am = 0.f;
-      float kd = 0.f;
-      if (row < p.L) {
-        float f[EPL];
+    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+    if (want_qkm) {
 #pragma unroll
-        for (int e = 0; e < EPL / 2; ++e) {
-          const float2 fe = TypeTraits<T>::unpack2(raw[r8][e]);
-          f[2 * e] = fe.x;
-          f[2 * e + 1] = fe.y;
-        }
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-          if (want_qkm) kd = fmaf(f[e], kmean[e], kd);
-          val[rr][e] = f[e] - mean[e];
-          am = fmaxf(am, fabsf(val[rr][e]));
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) val[rr][e] = 0.f;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-      if (want_qkm) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) kd += __shfl_xor_sync(0xffffffffu, kd, o);
-        if (lane == 0) p.qkm[(size_t)bh * p.Lpad + row] = p.scale * kd;
-      }
-      if (lane == 0) amax_s[warp * 16 + rr] = am;
+      for (int o = 16; o > 0; o >>= 1) kd += __shfl_xor_sync(0xffffffffu, kd, o);
+      if (lane == 0) p.qkm[(size_t)bh * p.Lpad + row] = p.scale * kd;
     }
+    if (lane == 0) amax_s[warp * RPW + rr] = am;
   }
   __syncthreads();
 
   const size_t obase = (size_t)bh * p.Lpad;
 #pragma unroll
-  for (int rr = 0; rr < 16; ++rr) {
-    const int lr = warp * 16 + rr;
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int lr = warp * RPW + rr;
     const int row = row0 + lr;
     float am = amax_s[lr];
     if (p.group_rows > 1) {
@@ -204,7 +205,7 @@ cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, i
 template <typename T, int D>
 static cudaError_t sq_dispatch(const QuantParams& p, int BH, cudaStream_t s) {
   dim3 grid(p.Lpad / 64, BH);
-  smooth_quant_kernel<T, D><<<grid, 128, 0, s>>>(p);
+  smooth_quant_kernel<T, D><<<grid, kQuantThreads, 0, s>>>(p);
   return cudaGetLastError();
 }
 
