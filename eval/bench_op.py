@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sale_cli.eval.common import atomic_write_json, software_versions, split_values
+from sale_cli.eval.common import atomic_write_json, parse_names, software_versions, split_values
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_TAUS = (0.001, 0.004, 0.008)
@@ -149,14 +149,11 @@ def finish_rows(rows: Sequence[dict], flops: float) -> list[dict]:
 
 
 def parse_choices(values: list[str] | None, known: Sequence[str], default: Sequence[str], option: str) -> tuple:
-    """Distinct names of a repeatable, comma/space-separated option; BadParameter naming the option."""
-    names = split_values(values, str, option) or list(default)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise typer.BadParameter(
-            f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}", param_hint=option
-        )
-    return tuple(dict.fromkeys(names))
+    """`parse_names` without 'all', as a BadParameter naming the option."""
+    try:
+        return tuple(parse_names(values, known, default, option, allow_all=False))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(f"{option}: "), param_hint=option) from exc
 
 
 def parse_granularity(name: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import os
 import re
 import statistics
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,16 +54,19 @@ def split_values(values: list[str] | None, cast: Callable[[str], Any], option: s
     return items
 
 
-def parse_names(values: Iterable[str] | None, known: list[str], default: list[str], option: str) -> list[str]:
-    """Names from repeated and/or comma-separated option values; 'all' means every known name."""
-    if not values:
+def parse_names(values: Iterable[str] | None, known: Sequence[str], default: Sequence[str], option: str,
+                allow_all: bool = True) -> list[str]:
+    """Distinct names from repeated and/or comma- or space-separated option values; 'all' (where allowed) means
+    every known name. ValueError naming the option for an unknown name."""
+    names = split_values(list(values) if values else None, str, option)
+    if not names:
         return list(default)
-    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
-    if "all" in names:
+    if allow_all and "all" in names:
         return list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)} or 'all'")
+        choices = ", ".join(known) + (" or 'all'" if allow_all else "")
+        raise ValueError(f"{option}: unknown {', '.join(unknown)}; choose from {choices}")
     return list(dict.fromkeys(names))
 
 
