@@ -155,6 +155,24 @@ __device__ __forceinline__ void store_rows(const ComputeParams& p, int b, int hq
 
 }  // namespace
 
+// The CTA's query block (heavy, late blocks first), query head, batch entry, first row, and its Q / K / V rows and
+// bitmap row, as both computation kernels index them.
+template <typename T>
+struct ComputeCta {
+  int qb, hq, b, r0;
+  const T *qg, *kg, *vg;
+  const uint32_t* bits;
+};
+template <typename T, int D>
+__device__ __forceinline__ ComputeCta<T> compute_cta(const ComputeParams& p) {
+  const int qb = p.nQ - 1 - blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const int hkv = hq / (p.Hq / p.Hkv), r0 = qb * kBlockQ;
+  return {qb, hq, b, r0, reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + r0) * D,
+          reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D,
+          reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.L * D,
+          p.bits + ((size_t)(b * p.Hq + hq) * p.nQ + qb) * p.nW};
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p) {
   constexpr bool BF = TypeTraits<T>::kBF16;
@@ -167,17 +185,9 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   const uint32_t sK = sQ + Q_BYTES;
   const uint32_t sV = sK + kStages * KV_BYTES;
 
-  const int qb = p.nQ - 1 - blockIdx.x;  // heavy (late) query blocks first
-  const int hq = blockIdx.y, b = blockIdx.z;
-  const int hkv = hq / (p.Hq / p.Hkv);
+  const auto [qb, hq, b, r0, qg, kg, vg, bits] = compute_cta<T, D>(p);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int r0 = qb * kBlockQ;
-
-  const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + r0) * D;
-  const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D;
-  const T* vg = reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.L * D;
-  const uint32_t* bits = p.bits + ((size_t)(b * p.Hq + hq) * p.nQ + qb) * p.nW;
 
   // Q tile
   load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
@@ -280,17 +290,9 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   const uint32_t sV = sK + kStages * KV_BYTES;
   const uint32_t sQ = sV + kStages * KV_BYTES;
 
-  const int qb = p.nQ - 1 - blockIdx.x;  // heavy (late) query blocks first
-  const int hq = blockIdx.y, b = blockIdx.z;
-  const int hkv = hq / (p.Hq / p.Hkv);
+  const auto [qb, hq, b, r0, qg, kg, vg, bits] = compute_cta<T, D>(p);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int r0 = qb * kBlockQ;
-
-  const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + r0) * D;
-  const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D;
-  const T* vg = reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.L * D;
-  const uint32_t* bits = p.bits + ((size_t)(b * p.Hq + hq) * p.nQ + qb) * p.nW;
   if (sK % 1024 != 0) __trap();
 
   // this thread's 16-byte chunks of a block: rows lr + k * RP, chunk lc (128-byte swizzle: row % 8 = lr % 8)
