@@ -158,13 +158,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   SALE_WGMMA_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// wgmma_wait<n> for an n in [0, 3] known only after unrolling
-__device__ __forceinline__ void wgmma_wait_upto3(int n) {
-  if (n >= 3) wgmma_wait<3>();
-  else if (n == 2) wgmma_wait<2>();
-  else if (n == 1) wgmma_wait<1>();
-  else wgmma_wait<0>();
-}
 __device__ __forceinline__ void fence_proxy_async_smem() {
   SALE_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         if constexpr (HC > 1) issue(1, acc[1]);
 #pragma unroll
         for (int h = 0; h < HC; ++h) {
-          wgmma_wait_upto3(min(1, HC - 1 - h));  // head h's group done
+          if (h + 1 < HC) wgmma_wait<1>();  // head h's group done (head h + 1's may still run)
+          else wgmma_wait<0>();
           reg_fence(acc[h & 1]);
           if ((active >> h) & 1u) {  // CTA-uniform; both blocks' row bounds first (two independent chains)
             const bool rb0 = row_bound(acc[h & 1], 0, h, skm[0], qmx[0][h]);
