@@ -239,23 +239,41 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const uint32_t sQi = sB + REGION;  // wgmma path
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
-    const int8_t* kit = kig + (size_t)lr * IB + lc * 16;
 
-    auto load_b = [&](int tile, int slot) {
-      const int key0 = (bstart + 2 * tile) * kBlockK;
-      const uint32_t base = sB + slot * STAGE_B;
+    // this thread's copies of a stage-B tile, planned once and advanced by one tile per load_b call (tiles are
+    // loaded in order): its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a
+    // head's qm (tid < 16 + 16 * HC), or a head's per-block qm maximum (4 bytes, the next 2 * HC threads). The
+    // second block of the last tile may lie past bend: its values are still below nKpad / Lpad.
+    const int8_t* k_src = kig + (size_t)(bstart * kBlockK + lr) * IB + lc * 16;
+    const float* f_src = nullptr;
+    uint32_t f_dst = 0u;
+    int f_step = 0;
+    if (tid < 16) {
+      f_src = skg + bstart * kBlockK + tid * 4;
+      f_dst = IT_BYTES + tid * 16;
+      f_step = kTileKeys;
+    } else if (tid < 16 + 16 * HC) {
+      const int h = (tid - 16) / 16, c = (tid - 16) % 16;
+      f_src = qmg + (size_t)h * p.Lpad + bstart * kBlockK + c * 4;
+      f_dst = IT_BYTES + (1 + h) * F_BYTES + c * 16;
+      f_step = kTileKeys;
+    } else if (tid < 16 + 18 * HC) {
+      const int j = tid - 16 - 16 * HC, h = j / 2, hb = j % 2;
+      f_src = qmbg + (size_t)h * p.nKpad + bstart + hb;
+      f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 4;
+      f_step = 2;
+    }
+    const bool f16 = tid < 16 + 16 * HC, f4 = !f16 && f_step != 0;
+    uint32_t load_base = sB;  // the slot load_b fills next
+    auto load_b = [&]() {
 #pragma unroll
       for (int k = 0; k < kTileKeys / RPB; ++k)
-        cp_async16(base + t_soff + k * RPB * IRB, kit + (size_t)(key0 + k * RPB) * IB, true);
-      if (tid < 16) {
-        cp_async16(base + IT_BYTES + tid * 16, skg + key0 + tid * 4, true);
-      } else if (tid < 16 + 16 * HC) {
-        const int h = (tid - 16) / 16, c = (tid - 16) % 16;
-        cp_async16(base + IT_BYTES + (1 + h) * F_BYTES + c * 16, qmg + (size_t)h * p.Lpad + key0 + c * 4, true);
-      } else if (tid < 16 + 18 * HC) {  // (the second block of the last tile may lie past bend: still < nKpad)
-        const int j = tid - 16 - 16 * HC, h = j / 2, hb = j % 2;
-        cp_async4(base + SM::QMB_OFF + (hb * kMaxHC + h) * 4, qmbg + (size_t)h * p.nKpad + key0 / kBlockK + hb);
-      }
+        cp_async16(load_base + t_soff + k * RPB * IRB, k_src + (size_t)k * RPB * IB, true);
+      if (f16) cp_async16(load_base + f_dst, f_src, true);
+      if (f4) cp_async4(load_base + f_dst, f_src);
+      k_src += kTileKeys * IB;
+      f_src += f_step;
+      load_base = load_base + STAGE_B == sB + kStagesB * STAGE_B ? sB : load_base + STAGE_B;
     };
 
     // the tests of one key block for head h on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8, 8 keys)
@@ -316,18 +334,19 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
 
 #pragma unroll
     for (int s = 0; s < kStagesB - 1; ++s) {
-      if (s < ntile) load_b(s, s);
+      if (s < ntile) load_b();
       cp_async_commit();
     }
+    uint32_t slot_off = 0u;  // shared-memory offset of tile it's slot
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
       if constexpr (WG) fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
       __syncthreads();
-      if (it + kStagesB - 1 < ntile) load_b(it + kStagesB - 1, (it + kStagesB - 1) % kStagesB);
+      if (it + kStagesB - 1 < ntile) load_b();
       cp_async_commit();
-      const int slot = it % kStagesB;
-      const uint32_t cKi = sB + slot * STAGE_B;
-      const float* sks = reinterpret_cast<const float*>(sBp + slot * STAGE_B + IT_BYTES);
+      const uint32_t cKi = sB + slot_off;
+      const float* sks = reinterpret_cast<const float*>(sBp + slot_off + IT_BYTES);
+      slot_off = slot_off + STAGE_B == kStagesB * STAGE_B ? 0u : slot_off + STAGE_B;
       const int kb0 = bstart + 2 * it;
       // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads occupy
       // shared memory and these loads would queue behind them): per head, the largest qm over the whole block
