@@ -301,17 +301,18 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       float2 qmv[4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
-      // prefilter: some element over pre is a candidate; one over post is a sure pass (no exact test needed)
-      bool cand = false, sure = false;
+      // prefilter on each row's largest z': over pre, a candidate; over post, a sure pass (no exact test needed)
+      float zm[2][4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         const float a0 = sqr[h][0] * (float)a[n0 + n][0], a1 = sqr[h][0] * (float)a[n0 + n][1];
         const float a2 = sqr[h][1] * (float)a[n0 + n][2], a3 = sqr[h][1] * (float)a[n0 + n][3];
-        const float z0 = fmaf(a0, skv[n].x, qmv[n].x), z1 = fmaf(a1, skv[n].y, qmv[n].y);
-        const float z2 = fmaf(a2, skv[n].x, qmv[n].x), z3 = fmaf(a3, skv[n].y, qmv[n].y);
-        cand |= (z0 > pre[h][0]) | (z1 > pre[h][0]) | (z2 > pre[h][1]) | (z3 > pre[h][1]);
-        sure |= (z0 > post[h][0]) | (z1 > post[h][0]) | (z2 > post[h][1]) | (z3 > post[h][1]);
+        zm[0][n] = fmaxf(fmaf(a0, skv[n].x, qmv[n].x), fmaf(a1, skv[n].y, qmv[n].y));
+        zm[1][n] = fmaxf(fmaf(a2, skv[n].x, qmv[n].x), fmaf(a3, skv[n].y, qmv[n].y));
       }
+      const float z0 = fmaxf(fmaxf(zm[0][0], zm[0][1]), fmaxf(zm[0][2], zm[0][3]));
+      const float z1 = fmaxf(fmaxf(zm[1][0], zm[1][1]), fmaxf(zm[1][2], zm[1][3]));
+      const bool cand = (z0 > pre[h][0]) | (z1 > pre[h][1]), sure = (z0 > post[h][0]) | (z1 > post[h][1]);
       if (!__any_sync(0xffffffffu, cand)) return;
       if (__any_sync(0xffffffffu, sure)) {
         if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
