@@ -135,6 +135,9 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   auto bits = at::empty({B, Hq, nQ, nW}, q.options().dtype(at::kInt));
   // the row bound's qm: one max per (query head, key block)
   auto qmb = qm.view({B, Hq, Lpad / sale::kBlockK, sale::kBlockK}).amax(-1).contiguous();
+  // the row bound's sk: per key block, the max over the 8 keys of each accumulator column class t (keys 8n + 2t and
+  // 8n + 2t + 1, n = 0..3: the keys of one thread's mma / wgmma accumulator fragment)
+  auto skq = sk.view({B, Hkv, Lpad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
   auto pairs = at::zeros({B, Hq}, q.options().dtype(at::kInt));
   sale::SelectParams p{};
   p.q = q.data_ptr();
@@ -145,6 +148,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.sk = sk.data_ptr<float>();
   p.qm = qm.data_ptr<float>();
   p.qmb = qmb.data_ptr<float>();
+  p.skq = skq.data_ptr<float>();
   p.qkm = qkm.data_ptr<float>();
   p.tau = tau.data_ptr<float>();
   p.bits = reinterpret_cast<uint32_t*>(bits.data_ptr<int>());

@@ -54,6 +54,7 @@ struct SelectParams {
   const float* sk;      // [B, Hkv, Lpad]
   const float* qm;      // [B, Hq, Lpad]
   const float* qmb;     // [B, Hq, nKpad]: max of qm over each key block (nKpad = Lpad / 32)
+  const float* skq;     // [B, Hkv, nKpad, 4]: max of sk over keys 8n + 2t + {0, 1} (n = 0..3) of each block, per t
   const float* qkm;     // [B, Hq, Lpad] scale * q_i . kmean
   const float* tau;     // [Hq]
   uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed

@@ -15,8 +15,9 @@
 //        issued, with no branch around it, which ptxas would answer with a warpgroup.arrive; mma.sync: per
 //        block, K fragments loaded once per warp and k-step, Q fragments of all heads in registers, heads
 //        interleaved);
-//      * row bound, 2 tests per thread: fma(sq_i * max_j acc_ij, max sk over the thread's keys, max qm over
-//        the block) against the prefilter bound; only warps where it passes go on;
+//      * row bound, 2 tests per thread: fma(sq_i * max_j acc_ij, max sk over the thread's keys (precomputed per
+//        block and accumulator column class by the host, skq), max qm over the block) against the prefilter bound;
+//        only warps where it passes go on;
 //      * prefilter: z' = fma(sq_i * acc, sk_j, qm_j) against (thr_i -+ margin) / scale: an element over the upper
 //        bound selects the block; only a warp where some element lies between the two evaluates the exact
 //        reference-order expression scale * ((sq_i * sk_j) * acc + qm_j) > thr_i (the margin covers the rounding
@@ -37,7 +38,7 @@ constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
-// and region B (stage B's integer K tiles with their sk / qm values and per-block qm maxima, kStagesB deep)
+// and region B (stage B's integer K tiles with their sk / qm values, per-block qm maxima and skq, kStagesB deep)
 // overlap; then, on the wgmma path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap
 // words (HC * nW, sized by the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64
 // leaves half of each row unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes
@@ -50,7 +51,8 @@ struct SelectSmem {
   static constexpr int F_BYTES = kTileKeys * 4;     // sk / qm of a tile
   static constexpr int ALIGN = WG ? 1024 : 16;
   static constexpr int QMB_OFF = IT_BYTES + (1 + kMaxHC) * F_BYTES;  // [2 blocks][kMaxHC] block maxima of qm
-  static constexpr int STAGE_B = (QMB_OFF + 2 * kMaxHC * 4 + ALIGN - 1) / ALIGN * ALIGN;
+  static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * 4;  // [2 blocks][4] per-class maxima of sk
+  static constexpr int STAGE_B = (SKQ_OFF + 2 * 4 * 4 + ALIGN - 1) / ALIGN * ALIGN;
   static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
   static constexpr int REGION_B = kStagesB * STAGE_B;
   static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
@@ -235,6 +237,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.Lpad;
     const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.Lpad;
     const float* qmbg = p.qmb + (size_t)(b * p.Hq + hq0) * p.nKpad;
+    const float* skqg = p.skq + (size_t)(b * p.Hkv + hkv) * p.nKpad * 4;
     const uint32_t sB = smem_u32(smem);
     const uint32_t sQi = sB + REGION;  // wgmma path
     const unsigned char* sBp = smem;
@@ -242,7 +245,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
 
     // this thread's copies of a stage-B tile, planned once and advanced by one tile per load_b call (tiles are
     // loaded in order): its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a
-    // head's qm (tid < 16 + 16 * HC), or a head's per-block qm maximum (4 bytes, the next 2 * HC threads). The
+    // head's qm (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), or a block's
+    // 4 skq values (16 bytes, the next 2 threads). The
     // second block of the last tile may lie past bend: its values are still below nKpad / Lpad.
     const int8_t* k_src = kig + (size_t)(bstart * kBlockK + lr) * IB + lc * 16;
     const float* f_src = nullptr;
@@ -262,8 +266,13 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       f_src = qmbg + (size_t)h * p.nKpad + bstart + hb;
       f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 4;
       f_step = 2;
+    } else if (tid < 18 + 18 * HC) {
+      const int j = tid - 16 - 18 * HC;
+      f_src = skqg + (size_t)(bstart + j) * 4;
+      f_dst = SM::SKQ_OFF + j * 16;
+      f_step = 8;
     }
-    const bool f16 = tid < 16 + 16 * HC, f4 = !f16 && f_step != 0;
+    const bool f4 = f_step == 2, f16 = f_step != 0 && !f4;
     uint32_t load_base = sB;  // the slot load_b fills next
     auto load_b = [&]() {
 #pragma unroll
@@ -293,14 +302,16 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     };
     // the rest, for a warp where the row bound passed for block kb (half `half` of the tile in slot sks): sets the
     // block's bit when some element passes
-    auto test_block = [&](const auto& a, const int n0, const int h, const int kb, const int half,
-                          const float2 (&skv)[4], const float* sks) {
+    auto test_block = [&](const auto& a, const int n0, const int h, const int kb, const int half, const float* sks) {
       // another warp already selected this block for head h (one shared load, uniform within the warp)
       if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) return;
       const float* qms = sks + (1 + h) * kTileKeys;
       float2 qmv[4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) qmv[n] = *reinterpret_cast<const float2*>(qms + half * 32 + n * 8 + 2 * t);
+      float2 skv[4];
+#pragma unroll
+      for (int n = 0; n < 4; ++n) skv[n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
       // prefilter on each row's largest z': over pre, a candidate; over post, a sure pass (no exact test needed)
       float zm[2][4];
 #pragma unroll
@@ -350,21 +361,17 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       slot_off = slot_off + STAGE_B == kStagesB * STAGE_B ? 0u : slot_off + STAGE_B;
       const int kb0 = bstart + 2 * it;
       // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads occupy
-      // shared memory and these loads would queue behind them): per head, the largest qm over the whole block
-      // (copied with the tile); this thread's sk of its 8 keys and their maximum (sk >= 0)
+      // shared memory and these loads would queue behind them): per head, the largest qm over the whole block, and
+      // the largest sk over this thread's 8 keys (skq; both copied with the tile). The 8 sk values themselves are
+      // loaded only by a warp that runs the prefilter: keeping them live across the MMAs cost more.
       float qmx[2][HC], skm[2];
-      float2 skv[2][4];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
 #pragma unroll
         for (int h = 0; h < HC; ++h) qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
-#pragma unroll
-        for (int n = 0; n < 4; ++n) skv[half][n] = *reinterpret_cast<const float2*>(sks + half * 32 + n * 8 + 2 * t);
       }
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-        skm[half] = fmaxf(fmaxf(fmaxf(skv[half][0].x, skv[half][0].y), fmaxf(skv[half][1].x, skv[half][1].y)),
-                          fmaxf(fmaxf(skv[half][2].x, skv[half][2].y), fmaxf(skv[half][3].x, skv[half][3].y)));
+      for (int half = 0; half < 2; ++half) skm[half] = sks[(SM::SKQ_OFF - IT_BYTES) / 4 + half * 4 + t];
       const int nb = kb0 + 1 < bend ? 2 : 1;  // the last tile may hold one candidate block
       if constexpr (WG) {
         // one warpgroup-wide int8 wgmma chain m64n64k32 (4 k-steps, both blocks of the tile) per head, one commit
@@ -395,8 +402,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
             const bool rb0 = row_bound(acc[h & 1], 0, h, skm[0], qmx[0][h]);
             const bool rb1 = row_bound(acc[h & 1], 4, h, skm[1], qmx[1][h]) & (nb == 2);
             const bool go0 = __any_sync(0xffffffffu, rb0), go1 = __any_sync(0xffffffffu, rb1);
-            if (go0) test_block(acc[h & 1], 0, h, kb0, 0, skv[0], sks);
-            if (go1) test_block(acc[h & 1], 4, h, kb0 + 1, 1, skv[1], sks);
+            if (go0) test_block(acc[h & 1], 0, h, kb0, 0, sks);
+            if (go1) test_block(acc[h & 1], 4, h, kb0 + 1, 1, sks);
           }
           if (h + 2 < HC) issue(h + 2, acc[h & 1]);
         }
@@ -446,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
 #pragma unroll
           for (int h = 0; h < HC; ++h)
             if (((need >> h) & 1u) && __any_sync(0xffffffffu, row_bound(acc[h], 0, h, skm[half], qmx[half][h])))
-              test_block(acc[h], 0, h, kb, half, skv[half], sks);
+              test_block(acc[h], 0, h, kb, half, sks);
         }
       }
     }
