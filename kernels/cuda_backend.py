@@ -144,6 +144,8 @@ def default_compute() -> str:
 def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, estimate, quant_group):
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         raise ValueError("the CUDA backend needs q, k, v on a CUDA device")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the CUDA backend takes float16 or bfloat16 q/k/v of one dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
@@ -250,10 +252,20 @@ def _(q, k, v, bits, scale, need_lse):
     return torch.empty_like(q), q.new_empty(B if need_lse else 0, Hq, L, dtype=torch.float32)
 
 
-def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
-                        quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
-                        stop_after: str | None = None):
-    """SALE attention with the CUDA kernels.
+def sale_attention_cuda(q, k, v, thresholds, **options):
+    """SALE attention with the CUDA kernels, on q's GPU whichever GPU is current (layers spread over GPUs).
+
+    See ``_sale_attention_cuda`` for the options and the result.
+    """
+    # the stage-timing events and the capability checks follow q's device (a CPU q fails validation inside)
+    with torch.cuda.device(q.device if q.is_cuda else None):
+        return _sale_attention_cuda(q, k, v, thresholds, **options)
+
+
+def _sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
+                         quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
+                         stop_after: str | None = None):
+    """SALE attention with the CUDA kernels (the current device is q's).
 
     Returns (out, lse or None, block_map or None, density [B, Hq] fp32, timings dict or None); timings (ms per
     stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True. ``compute``: "cuda",

@@ -393,8 +393,9 @@ class Runner:
         return ids.to(self.device)
 
     def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":  # every GPU: with device_map="auto" the layers run on several
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(index)
 
     def _forward(self, ids, **kwargs):
         """One recorded forward; returns (model output, prefill ms, attention ms, per-layer density, timings)."""

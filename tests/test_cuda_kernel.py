@@ -10,8 +10,8 @@ the heads of each case take the taus 0, 0.001, 0.004, 0.008, 1e9 cyclically. Eac
   tau = 1e9 heads exactly the sink+local set R, every output element written (poisoned allocator).
 Also: compute="flex" on the same block list, per_block groups, GQA 16:1, 7:1, 2:1 and 1:1 (with 3:1, every
 heads-per-CTA count of the selection), tau = 0 vs SDPA, runtime sink_tokens / local_window, determinism and
-timings, errors for unsupported options, and real Q/K/V of the demo model (written by scripts/capture_qkv.py;
-skipped when the file is absent).
+timings, errors for unsupported options, inputs on a second GPU (skipped with one), and real Q/K/V of the demo
+model (written by scripts/capture_qkv.py; skipped when the file is absent).
 """
 
 from __future__ import annotations
@@ -396,6 +396,27 @@ def test_selection_in_chunks_gives_the_same_result(monkeypatch, B, Hq, Hkv, esti
     for a, b in zip(whole[:4], chunked[:4], strict=True):
         assert torch.equal(a, b)
     assert set(chunked[4]) == {"quant", "select", "compute"} and chunked[4]["select"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("estimate", ["int8", "int4"])
+def test_second_gpu_gives_the_same_result(estimate):
+    """Inputs on cuda:1 while cuda:0 is current (a model spread over GPUs): the same map, density, output and lse
+    as on cuda:0, bit for bit, and stage timings from events on cuda:1."""
+    q, k, v = _inputs(1, 8, 2, 4096, 128, torch.bfloat16, _seed("second-gpu", estimate))
+    tau = torch.tensor([0.0, 0.004, 0.008, 0.2] * 2, device=DEV)
+    opts = dict(scale=None, block_q=BQ, block_k=BK, sink_tokens=None, local_window=128, estimate=estimate,
+                quant_group="per_token", need_block_map=True, need_lse=True, compute="cuda")
+    with torch.cuda.device(0):
+        ref = cuda_backend.sale_attention_cuda(q, k, v, tau, **opts)
+        got = cuda_backend.sale_attention_cuda(*(x.to("cuda:1") for x in (q, k, v, tau)), timing=True, **opts)
+        assert torch.cuda.current_device() == 0
+    for name, a, b in zip(("out", "lse", "block map", "density"), got[:4], ref[:4], strict=True):
+        assert a.device == torch.device("cuda:1"), name
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs between cuda:1 and cuda:0"
+    assert all(ms > 0 for ms in got[4].values()), got[4]
+    with pytest.raises(ValueError, match="one device"):
+        cuda_backend.sale_attention_cuda(q, k.to("cuda:1"), v, tau, **opts)
 
 
 def test_unsupported_configurations_raise():

@@ -11,15 +11,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def _save_tiny_llama(path, layers: int):
+    """A random Llama (4 heads, 2 kv heads, d 64) with peaked attention, and its tokenizer, saved to ``path``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sale_cli.eval.niah import train_tokenizer
 
-    path = tmp_path_factory.mktemp("gpu_llama")
     tok = train_tokenizer("The quick brown fox jumps over the lazy dog. 0123456789\n" * 50, vocab_size=300)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -30,6 +29,11 @@ def model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save_tiny_llama(tmp_path_factory.mktemp("gpu_llama"), layers=2)
 
 
 def test_sale_on_cuda_uses_the_kernel_and_matches_dense_at_tau_zero(model_dir):
@@ -64,3 +68,23 @@ def test_calibration_on_cuda(model_dir, tmp_path):
                              progress=False)
     assert tau.shape == (2, 4) and (tau >= 0).all() and ((density > 0) & (density <= 1)).all()
     assert (tau > 0).any()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_device_map_auto_spreads_layers_and_matches_one_gpu(tmp_path):
+    path = _save_tiny_llama(tmp_path, layers=6)  # enough layers for accelerate's balanced map to use both GPUs
+    opts = SaleOptions(dense_below=0)
+    one = load_runner(str(path), dtype="bfloat16", device="cuda", options=opts)
+    spread = load_runner(str(path), dtype="bfloat16", device_map="auto", options=opts)
+    assert {0, 1} <= {torch.device(d).index for d in spread.model.hf_device_map.values()}, spread.model.hf_device_map
+    assert spread.sale_backend == "cuda"
+    ids = torch.randint(0, one.model.config.vocab_size, (1, 3000), generator=torch.Generator().manual_seed(1))
+    results = []
+    for runner in (one, spread):
+        runner.set_method("sale", torch.full((6, 4), 0.3))
+        runner.state.stage_timings = True
+        results.append(runner.prefill(ids))
+    a, b = results
+    assert 0 < b.density < 1 and b.density == pytest.approx(a.density)
+    assert (b.logits_last - a.logits_last).abs().max() < 0.05
+    assert b.attn_ms > 0 and set(b.timings) == {"quant", "select", "compute"} and min(b.timings.values()) > 0
