@@ -29,6 +29,8 @@ up to 16 query heads per kv head. Anything else raises ValueError.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import threading
@@ -252,20 +254,23 @@ def _(q, k, v, bits, scale, need_lse):
     return torch.empty_like(q), q.new_empty(B if need_lse else 0, Hq, L, dtype=torch.float32)
 
 
-def sale_attention_cuda(q, k, v, thresholds, **options):
-    """SALE attention with the CUDA kernels, on q's GPU whichever GPU is current (layers spread over GPUs).
+def _on_q_device(fn):
+    """Run ``fn`` with q's GPU as the current device, whichever GPU is current (layers spread over GPUs): the
+    stage-timing events and the capability checks follow q."""
 
-    See ``_sale_attention_cuda`` for the options and the result.
-    """
-    # the stage-timing events and the capability checks follow q's device (a CPU q fails validation inside)
-    with torch.cuda.device(q.device if q.is_cuda else None):
-        return _sale_attention_cuda(q, k, v, thresholds, **options)
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            return fn(q, *args, **kwargs)
+
+    return wrapper
 
 
-def _sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
-                         quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
-                         stop_after: str | None = None):
-    """SALE attention with the CUDA kernels (the current device is q's).
+@_on_q_device
+def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
+                        quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
+                        stop_after: str | None = None):
+    """SALE attention with the CUDA kernels, on q's GPU.
 
     Returns (out, lse or None, block_map or None, density [B, Hq] fp32, timings dict or None); timings (ms per
     stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True. ``compute``: "cuda",
