@@ -246,12 +246,13 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     // this thread's copies of a stage-B tile, planned once and advanced by one tile per load_b call (tiles are
     // loaded in order): its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a
     // head's qm (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), or a block's
-    // 4 skq values (16 bytes, the next 2 threads). The
-    // second block of the last tile may lie past bend: its values are still below nKpad / Lpad.
+    // 4 skq values (16 bytes, the next 2 threads). The second block of the last tile may lie past bend: its values
+    // are still below nKpad / Lpad.
     const int8_t* k_src = kig + (size_t)(bstart * kBlockK + lr) * IB + lc * 16;
-    const float* f_src = nullptr;
+    const float* f_src = nullptr;  // none past the side-copy threads
     uint32_t f_dst = 0u;
     int f_step = 0;
+    bool f4 = false;  // a 4-byte side copy (else 16 bytes)
     if (tid < 16) {
       f_src = skg + bstart * kBlockK + tid * 4;
       f_dst = IT_BYTES + tid * 16;
@@ -266,23 +267,27 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       f_src = qmbg + (size_t)h * p.nKpad + bstart + hb;
       f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 4;
       f_step = 2;
+      f4 = true;
     } else if (tid < 18 + 18 * HC) {
       const int j = tid - 16 - 18 * HC;
       f_src = skqg + (size_t)(bstart + j) * 4;
       f_dst = SM::SKQ_OFF + j * 16;
       f_step = 8;
     }
-    const bool f4 = f_step == 2, f16 = f_step != 0 && !f4;
-    uint32_t load_base = sB;  // the slot load_b fills next
+    const bool f16 = f_src != nullptr && !f4;
+    // shared-memory offsets of ring slots: the next one after `off`
+    auto next_slot = [](uint32_t off) { return off + STAGE_B == kStagesB * STAGE_B ? 0u : off + STAGE_B; };
+    uint32_t load_off = 0u;  // the slot load_b fills next
     auto load_b = [&]() {
+      const uint32_t base = sB + load_off;
 #pragma unroll
       for (int k = 0; k < kTileKeys / RPB; ++k)
-        cp_async16(load_base + t_soff + k * RPB * IRB, k_src + (size_t)k * RPB * IB, true);
-      if (f16) cp_async16(load_base + f_dst, f_src, true);
-      if (f4) cp_async4(load_base + f_dst, f_src);
+        cp_async16(base + t_soff + k * RPB * IRB, k_src + (size_t)k * RPB * IB, true);
+      if (f16) cp_async16(base + f_dst, f_src, true);
+      if (f4) cp_async4(base + f_dst, f_src);
       k_src += kTileKeys * IB;
       f_src += f_step;
-      load_base = load_base + STAGE_B == sB + kStagesB * STAGE_B ? sB : load_base + STAGE_B;
+      load_off = next_slot(load_off);
     };
 
     // the tests of one key block for head h on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8, 8 keys)
@@ -349,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       if (s < ntile) load_b();
       cp_async_commit();
     }
-    uint32_t slot_off = 0u;  // shared-memory offset of tile it's slot
+    uint32_t slot_off = 0u;  // the slot of tile it
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
       if constexpr (WG) fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -358,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       cp_async_commit();
       const uint32_t cKi = sB + slot_off;
       const float* sks = reinterpret_cast<const float*>(sBp + slot_off + IT_BYTES);
-      slot_off = slot_off + STAGE_B == kStagesB * STAGE_B ? 0u : slot_off + STAGE_B;
+      slot_off = next_slot(slot_off);
       const int kb0 = bstart + 2 * it;
       // the row bound's operands, loaded before the MMAs are issued (once issued, the wgmmas' operand reads occupy
       // shared memory and these loads would queue behind them): per head, the largest qm over the whole block, and
