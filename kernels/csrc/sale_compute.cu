@@ -10,9 +10,9 @@
 //     V tile MN-major), tiles in the 128-byte swizzle layout; Q K^T of tile t and P V of tile t-1 are issued
 //     back to back and the softmax of tile t overlaps P V (FlashAttention-3's intra-warpgroup order). 2 CTAs
 //     per SM.
-//   Lq < Lk (bottom-right causal, call row i at absolute position i + off, off = Lk - Lq): the masks compare keys
-//   with the rows' absolute positions, a per-thread constant; the bitmap already bounds the loop to the visible
-//   blocks, so the offset costs nothing in the loop.
+//   Lq < Lk (bottom-right causal, call row i at absolute position i + off, off = Lk - Lq): the masks compare the
+//   key index minus off (one integer subtraction per tile, off read from the parameter bank: no register held
+//   across the loop) with the row in the call; the bitmap already bounds the loop to the visible blocks.
 //   The softmax is invariant to the smoothing shift of K (K minus its per-channel mean), so the original K is
 //   used here: the same output as smoothed K, one rounding fewer, and lse is that of the original logits.
 #include "sale_common.cuh"
@@ -111,12 +111,12 @@ __device__ __forceinline__ void rescale_o(float (&o)[ND][4], float corr_a, float
   }
 }
 
-// Causal mask of one 8-key chunk (keys key0 + 2t + {0, 1}) for rows row_a (e 0, 1) and row_b = row_a + 8 (e 2, 3),
-// whose last visible keys are key_a and key_a + 8
-__device__ __forceinline__ void mask_chunk(float (&x)[4], int key0, int t, int key_a) {
+// Causal mask of one 8-key chunk (keys key0 + 2t + {0, 1}) for rows row_a (e 0, 1) and row_b = row_a + 8 (e 2, 3);
+// key0 relative to the call's rows (absolute key - off), so that key j is visible to row i iff j <= i
+__device__ __forceinline__ void mask_chunk(float (&x)[4], int key0, int t, int row_a) {
 #pragma unroll
   for (int e = 0; e < 4; ++e)
-    if (key0 + 2 * t + (e & 1) > key_a + (e < 2 ? 0 : 8)) x[e] = -INFINITY;
+    if (key0 + 2 * t + (e & 1) > row_a + (e < 2 ? 0 : 8)) x[e] = -INFINITY;
 }
 
 // P (16 keys per step, fp32 accumulator layout) -> the A fragments of mma.m16n8k16 / wgmma
@@ -224,7 +224,6 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
   const int row_a = r0 + warp * 16 + g;
-  const int key_a = row_a + p.off, key_r0 = r0 + p.off;  // the last keys visible to row_a and to row r0
 
   for (int it = 0;; ++it) {
     const int kb = cmp_it.next();
@@ -247,10 +246,12 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
     float s[4][4];
     warp_qk_16x32<BF, D>(qf, cK, lane, s);
 
-    // causal mask on blocks that reach past the block's first row, online softmax
-    if (kb * KT + KT - 1 > key_r0) {
+    // causal mask on blocks that reach past the block's first row, online softmax (keys shifted by the offset:
+    // p.off is read from the parameter bank, no register held across the loop)
+    const int kr = kb * KT - p.off;
+    if (kr + KT - 1 > r0) {
 #pragma unroll
-      for (int n = 0; n < 4; ++n) mask_chunk(s[n], kb * KT + n * 8, t, key_a);
+      for (int n = 0; n < 4; ++n) mask_chunk(s[n], kr + n * 8, t, row_a);
     }
     float corr_a, corr_b;
     if (softmax_p<4>(s, p.scale_log2, m_a, m_b, l_a, l_b, corr_a, corr_b)) rescale_o<D / 8>(o, corr_a, corr_b);
@@ -347,7 +348,6 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
   const int row_a = r0 + warp * 16 + g;
-  const int key_a = row_a + p.off, key_r0 = r0 + p.off;  // the last keys visible to row_a and to row r0
   uint32_t pa[4][4] = {};  // P of the previous tile (zero before tile 0: P V(-1) adds nothing)
 
   // O += P V of the tile in slot
@@ -381,13 +381,14 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     reg_fence(s);
     // the second block missing (odd count) or keys past the causal limit -> -inf, in place and only on the
     // (rare, CTA-uniform) tiles that need it (a missing block: keys past every row)
-    if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 > key_r0 || kb0 * kBlockK + kBlockK - 1 > key_r0) {
+    // (keys relative to the call's rows: absolute key - off)
+    if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 - p.off > r0 || kb0 * kBlockK + kBlockK - 1 - p.off > r0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kb = h == 0 ? kb0 : kb1;
-        const int key0 = kb >= 0 ? kb * kBlockK : p.Lk + kBlockQ;  // past every row's last key
+        const int key0 = kb >= 0 ? kb * kBlockK - p.off : p.Lq + kBlockQ;  // a missing block: past every row
 #pragma unroll
-        for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], key0 + n * 8, t, key_a);
+        for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], key0 + n * 8, t, row_a);
       }
     }
     float corr_a, corr_b;

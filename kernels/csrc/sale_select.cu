@@ -27,8 +27,8 @@
 //   tau == 0: every visible block.
 //   Lq < Lk (a chunk of a chunked prefill): the call's rows are the last Lq positions; query blocks are counted
 //   from the call's first row, key blocks (R, visibility, the bitmap) in absolute key positions. The offset
-//   off = Lk - Lq enters only per-CTA constants (block_range) and stage A's per-thread causal limit; stage B's
-//   candidates lie wholly below every row of the block, so its loop is the same for any offset.
+//   off = Lk - Lq enters only per-CTA constants (block_range) and stage A's causal test (key - off vs the row);
+//   stage B's candidates lie wholly below every row of the block, so its loop is the same for any offset.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
 
@@ -117,7 +117,6 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.Lk * D;
     constexpr int CPR = D / 8;
     const int row_a = br.r0 + warp * 16 + g, row_b = row_a + 8;  // in the call
-    const int key_a = row_a + p.off;  // row_a's last visible key (row_b's: key_a + 8)
     const int nR = br.nsink + (br.lend - max(br.lstart, br.nsink) + 1);
     for (int h = 0; h < HC; ++h) {
       const int hq = hq0 + h;
@@ -156,10 +155,11 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         for (int n = 0; n < 4; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int key = kb * kBlockK + n * 8 + 2 * t + (e & 1);
-            const int last = (e < 2) ? key_a : key_a + 8;
+            // the key's position relative to the call's rows (key - off): visible to row i iff <= i
+            const int key = kb * kBlockK - p.off + n * 8 + 2 * t + (e & 1);
+            const int row = (e < 2) ? row_a : row_b;
             const float z = __fsub_rn(__fmul_rn(s[n][e], p.scale), (e < 2) ? c_a : c_b);
-            s[n][e] = key > last ? -INFINITY : z;
+            s[n][e] = key > row ? -INFINITY : z;
           }
           mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
           mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
