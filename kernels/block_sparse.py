@@ -79,16 +79,20 @@ def kv_block_lists(block_map: torch.Tensor, full_width: bool = False) -> tuple[t
     return num.reshape(lead), idx.reshape(*lead, width)
 
 
-def _full_blocks(L: int, block_q: int, block_k: int, device) -> torch.Tensor:
-    """bool [nQ, nK]: key blocks entirely visible to every row of the query block (no causal mask needed)."""
-    nQ, nK = math.ceil(L / block_q), math.ceil(L / block_k)
+def _full_blocks(L: int, block_q: int, block_k: int, device, Lk: int | None = None) -> torch.Tensor:
+    """bool [nQ, nK]: key blocks entirely visible to every row of the query block (no causal mask needed).
+
+    ``L`` query rows, the last of ``Lk`` positions (default L; bottom-right causal: row i sees keys <= i + Lk - L)."""
+    Lk = L if Lk is None else Lk
+    nQ, nK = math.ceil(L / block_q), math.ceil(Lk / block_k)
     last_key = (torch.arange(nK, device=device) + 1) * block_k - 1
-    first_row = torch.arange(nQ, device=device) * block_q
+    first_row = torch.arange(nQ, device=device) * block_q + (Lk - L)
     return last_key[None, :] <= first_row[:, None]
 
 
-def flex_block_mask(block_map: torch.Tensor, L: int, block_q: int, block_k: int):
-    """FlexAttention ``BlockMask`` computing exactly the keys of ``block_map`` (causal, Lq == Lk == L).
+def flex_block_mask(block_map: torch.Tensor, L: int, block_q: int, block_k: int, Lk: int | None = None):
+    """FlexAttention ``BlockMask`` computing exactly the keys of ``block_map`` (causal over ``L`` query rows that
+    are the last of ``Lk`` positions, default Lk = L: bottom-right aligned, row i sees keys <= i + Lk - L).
 
     Blocks wholly below the diagonal are full blocks (no mask_mod); the others carry the causal mask_mod. The
     compiled kernels skip unlisted blocks, so causality is all their mask_mod needs; eager FlexAttention (used
@@ -99,19 +103,29 @@ def flex_block_mask(block_map: torch.Tensor, L: int, block_q: int, block_k: int)
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    full = _full_blocks(L, block_q, block_k, block_map.device)
+    Lk = L if Lk is None else Lk
+    off = Lk - L
+    full = _full_blocks(L, block_q, block_k, block_map.device, Lk)
     num_full, idx_full = kv_block_lists(block_map & full, full_width=True)
     num_part, idx_part = kv_block_lists(block_map & ~full, full_width=True)
     eager = not block_map.is_cuda
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+    if off == 0:
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    else:
+        # a captured 0-d tensor rather than a Python int: one compiled kernel serves every offset (chunks over a
+        # growing prefix), not one compilation per chunk
+        shift = torch.tensor(off, dtype=torch.int32, device=block_map.device)
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx + shift >= kv_idx
 
     def causal_in_map(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & block_map[b, h, q_idx // block_q, kv_idx // block_k]
+        return causal(b, h, q_idx, kv_idx) & block_map[b, h, q_idx // block_q, kv_idx // block_k]
 
     return BlockMask.from_kv_blocks(num_part, idx_part, num_full, idx_full, BLOCK_SIZE=(block_q, block_k),
-                                    mask_mod=causal_in_map if eager else causal, seq_lengths=(L, L),
+                                    mask_mod=causal_in_map if eager else causal, seq_lengths=(L, Lk),
                                     compute_q_blocks=False)
 
 
@@ -133,11 +147,14 @@ def flex_block_sparse_attention(q, k, v, block_map, *, block_q: int, block_k: in
                                 return_lse: bool = False):
     """Causal attention over the key blocks of ``block_map`` with FlexAttention (GQA without repeating K/V).
 
-    q: [B, Hq, L, d], k/v: [B, Hkv, L, d]; block_map: bool [B, Hq, nQ, nK] at (block_q, block_k). Returns out,
-    or (out, lse fp32 [B, Hq, L], natural log) with ``return_lse``. Kernel tiles equal the blocks (capped at
-    128 x 64), so a block is never split across a tile boundary."""
-    L = q.shape[2]
-    mask = flex_block_mask(block_map, L, block_q, block_k)
+    q: [B, Hq, Lq, d], k/v: [B, Hkv, Lk, d] with Lq <= Lk (the queries are the last Lq positions, bottom-right
+    causal); block_map: bool [B, Hq, nQ, nK] at (block_q, block_k), nK of Lk. Returns out, or (out, lse fp32
+    [B, Hq, Lq], natural log) with ``return_lse``. Kernel tiles equal the blocks (capped at 128 x 64), so a block is
+    never split across a tile boundary."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    if Lq > Lk:
+        raise ValueError(f"FlexAttention pass: Lq={Lq} must not exceed Lk={Lk}")
+    mask = flex_block_mask(block_map, Lq, block_q, block_k, Lk)
     options = None
     if q.is_cuda:
         options = {"BLOCK_M": min(block_q, 128), "BLOCK_N": min(block_k, 64)}

@@ -23,7 +23,12 @@ Three passes, each a kernel launch on the current stream (sources in ``kernels/c
 One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu), each registered as a torch.library custom
 op (``torch.ops.sale.quantize`` / ``select`` / ``compute``); docs/PERF_KERNEL_NOTES.md has the history.
 
-Supported: fp16/bf16, Lq == Lk, head_dim 64 or 128, block_q=64, block_k=32, estimate "int8" or "int4", GQA with
+Chunks (``Lq < Lk``, shared/spec/SALE.md section 1): the queries are the last ``Lq`` of the ``Lk`` positions
+(bottom-right causal); each pass takes the offset ``Lk - Lq`` as a runtime value: K's statistics run over the Lk
+keys and Q's over the Lq rows, query blocks count from the call's first row and key blocks (R, visibility, the
+bitmap's columns) absolutely.
+
+Supported: fp16/bf16, 1 <= Lq <= Lk, head_dim 64 or 128, block_q=64, block_k=32, estimate "int8" or "int4", GQA with
 up to 16 query heads per kv head. Anything else raises ValueError.
 """
 
@@ -124,6 +129,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, es
         return False, f"head_dim {q.shape[-1]} (the CUDA kernels take 64 or 128)"
     if q.shape[1] // k.shape[1] > 16:
         return False, f"{q.shape[1] // k.shape[1]} query heads per kv head (the CUDA kernels take at most 16)"
+    if q.shape[2] > k.shape[2]:
+        return False, f"Lq={q.shape[2]} > Lk={k.shape[2]} (queries are the last Lq of the Lk positions)"
     if (block_q, block_k) != (64, 32):
         return False, f"block_q={block_q}, block_k={block_k} (the CUDA kernels take 64 and 32)"
     if estimate not in ESTIMATE_BITS:
@@ -152,12 +159,14 @@ def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, 
         raise ValueError(f"the CUDA backend takes float16 or bfloat16 q/k/v of one dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
-        raise ValueError("q must be [B, Hq, L, d] and k, v [B, Hkv, L, d]")
+        raise ValueError("q must be [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]")
     B, Hq, Lq, d = q.shape
+    Lk = k.shape[2]
     if k.shape[0] != B or k.shape[3] != d:
         raise ValueError("k/v batch and head_dim must match q")
-    if k.shape[2] != Lq:
-        raise ValueError(f"the CUDA backend needs Lq == Lk (prefill), got Lq={Lq}, Lk={k.shape[2]}")
+    if not 1 <= Lq <= Lk:
+        raise ValueError(f"the CUDA backend needs 1 <= Lq <= Lk (the queries are the last Lq positions), got "
+                         f"Lq={Lq}, Lk={Lk}")
     if d not in (64, 128):
         raise ValueError(f"head_dim {d} is not supported by the CUDA backend (64 or 128)")
     Hkv = k.shape[1]
@@ -178,34 +187,36 @@ def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, 
         raise ValueError("sink_tokens and local_window must be >= 0")
     if thresholds.shape != (Hq,):
         raise ValueError(f"thresholds must have shape [{Hq}]")
-    if Lq >= 2**31 // 2 or B * Hq * Lq * d >= 2**62:
+    if Lk >= 2**31 // 2 or B * Hq * Lk * d >= 2**62:
         raise ValueError("input too large for the CUDA backend")
 
 
 def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
-                      budget: int | None = None) -> list[tuple[int, int, int, int]]:
+                      budget: int | None = None, Lk: int | None = None) -> list[tuple[int, int, int, int]]:
     """(b0, b1, h0, h1) batch and kv-head ranges whose quantized Q/K stay within ``budget`` bytes each (default
     SELECT_WORKSPACE_BYTES): the whole call when it fits, else one batch entry at a time with as many kv heads as
-    fit (at least one).
+    fit (at least one). ``L`` is the query length Lq, ``Lk`` the key length (default L).
 
     Every head's quantization and selection depend only on its own kv head's group, so chunking changes nothing
     but the number of launches."""
     budget = SELECT_WORKSPACE_BYTES if budget is None else budget
-    G, Lpad = Hq // Hkv, math.ceil(L / 64) * 64
+    Lk = L if Lk is None else Lk
+    G, LqPad, LkPad = Hq // Hkv, math.ceil(L / 64) * 64, math.ceil(Lk / 64) * 64
     ib = d // 2 if estimate == "int4" else d
-    # per kv head and batch entry: int8 rows of its G query heads and of itself, the floats sq, qm, qkm, the
-    # block maxima of qm (per query head) and sk
-    per_head = Lpad * (ib * (G + 1) + 4 * 3 * G + 4 * G // 32 + 4)
+    # per kv head and batch entry: the int8 rows of its G query heads with their floats sq and qkm (Lq long), its
+    # own int8 rows with sk, and per query head qm and its block maxima (Lk long)
+    per_head = LqPad * G * (ib + 4 * 2) + LkPad * (ib + 4 * G + 4 * G // 32 + 4)
     if B * Hkv * per_head <= budget:
         return [(0, B, 0, Hkv)]
     hc = max(1, min(Hkv, budget // per_head))
     return [(b, b + 1, h, min(Hkv, h + hc)) for b in range(B) for h in range(0, Hkv, hc)]
 
 
-def _visible_pairs(L: int, block_q: int, block_k: int) -> int:
-    """Causally visible (query block, key block) pairs of one head (Lq == Lk)."""
-    nQ = math.ceil(L / block_q)
-    return sum((min((qb + 1) * block_q, L) - 1) // block_k + 1 for qb in range(nQ))
+def _visible_pairs(Lq: int, Lk: int, block_q: int, block_k: int) -> int:
+    """Causally visible (query block, key block) pairs of one head: query block qb sees the key blocks up to the one
+    holding its last row's last key, (last row) + Lk - Lq."""
+    nQ, off = math.ceil(Lq / block_q), Lk - Lq
+    return sum((min((qb + 1) * block_q, Lq) - 1 + off) // block_k + 1 for qb in range(nQ))
 
 
 @torch.library.custom_op("sale::quantize", mutates_args=())
@@ -218,12 +229,13 @@ def _quantize_op(q: torch.Tensor, k: torch.Tensor, per_block: bool, bits: int,
 
 @_quantize_op.register_fake
 def _(q, k, per_block, bits, scale):
-    B, Hq, L, d = q.shape
-    Hkv, Lpad, ib = k.shape[1], (L + 63) // 64 * 64, d // 2 if bits == 4 else d
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk, ib = k.shape[1], k.shape[2], d // 2 if bits == 4 else d
+    LqPad, LkPad = (Lq + 63) // 64 * 64, (Lk + 63) // 64 * 64
     f32 = dict(dtype=torch.float32)
-    return (q.new_empty(B, Hkv, Lpad, ib, dtype=torch.int8), q.new_empty(B, Hkv, Lpad, **f32),
-            q.new_empty(B, Hq, Lpad, ib, dtype=torch.int8), q.new_empty(B, Hq, Lpad, **f32),
-            q.new_empty(B, Hq, Lpad, **f32), q.new_empty(B, Hq, Lpad, **f32))
+    return (q.new_empty(B, Hkv, LkPad, ib, dtype=torch.int8), q.new_empty(B, Hkv, LkPad, **f32),
+            q.new_empty(B, Hq, LqPad, ib, dtype=torch.int8), q.new_empty(B, Hq, LqPad, **f32),
+            q.new_empty(B, Hq, LkPad, **f32), q.new_empty(B, Hq, LqPad, **f32))
 
 
 @torch.library.custom_op("sale::select", mutates_args=())
@@ -236,22 +248,22 @@ def _select_op(q: torch.Tensor, k: torch.Tensor, qint: torch.Tensor, sq: torch.T
 
 @_select_op.register_fake
 def _(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, sink_tokens, local_window):
-    B, Hq, L, _ = q.shape
-    nW = (math.ceil(L / 32) + 31) // 32
-    return q.new_empty(B, Hq, math.ceil(L / 64), nW, dtype=torch.int32), q.new_empty(B, Hq, dtype=torch.int32)
+    B, Hq, Lq, _ = q.shape
+    nW = (math.ceil(k.shape[2] / 32) + 31) // 32
+    return q.new_empty(B, Hq, math.ceil(Lq / 64), nW, dtype=torch.int32), q.new_empty(B, Hq, dtype=torch.int32)
 
 
 @torch.library.custom_op("sale::compute", mutates_args=())
 def _compute_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: torch.Tensor, scale: float,
                 need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 3: (out, lse [B, Hq, L] fp32, or [0, Hq, L] without need_lse)."""
+    """Stage 3: (out, lse [B, Hq, Lq] fp32, or [0, Hq, Lq] without need_lse)."""
     return tuple(_load().compute(q, k, v, bits, scale, need_lse))
 
 
 @_compute_op.register_fake
 def _(q, k, v, bits, scale, need_lse):
-    B, Hq, L, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B if need_lse else 0, Hq, L, dtype=torch.float32)
+    B, Hq, Lq, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B if need_lse else 0, Hq, Lq, dtype=torch.float32)
 
 
 def _on_q_device(fn):
@@ -296,11 +308,12 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     q = q.contiguous()
     k = k.contiguous()
     v = v.contiguous()
-    B, Hq, L, d = q.shape
-    nK = math.ceil(L / block_k)
+    B, Hq, Lq, d = q.shape
+    Lk = k.shape[2]
+    nK = math.ceil(Lk / block_k)
     scale = float(scale)
 
-    chunks = _selection_chunks(B, Hq, k.shape[1], L, d, estimate)
+    chunks = _selection_chunks(B, Hq, k.shape[1], Lq, d, estimate, Lk=Lk)
     G = Hq // k.shape[1]
     marks = []  # (stage, start event, end event)
 
@@ -325,7 +338,7 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
         return stage_ms
 
     if len(chunks) > 1:
-        bits = q.new_empty(B, Hq, math.ceil(L / block_q), (nK + 31) // 32, dtype=torch.int32)
+        bits = q.new_empty(B, Hq, math.ceil(Lq / block_q), (nK + 31) // 32, dtype=torch.int32)
         pairs = q.new_empty(B, Hq, dtype=torch.int32)
     for b0, b1, h0, h1 in chunks:
         qc, kc, tc = q[b0:b1, h0 * G:h1 * G], k[b0:b1, h0:h1], tau[h0 * G:h1 * G]  # contiguous views
@@ -346,7 +359,7 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
         return None, None, None, None, finish(("quant",))
     # in float64 (torch divides a CUDA tensor by a scalar as a multiplication by its reciprocal): a dense head
     # gets exactly 1.0
-    density = (pairs.double() / _visible_pairs(L, block_q, block_k)).float()
+    density = (pairs.double() / _visible_pairs(Lq, Lk, block_q, block_k)).float()
     block_map = block_sparse.bits_to_block_map(bits, nK) if need_block_map or compute == "flex" else None
     if stop_after == "select":
         return None, None, (block_map if need_block_map else None), density, finish(("quant", "select"))

@@ -84,3 +84,29 @@ def test_flex_matches_reference_on_its_map(L, Hq, Hkv, d):
     assert (bs.map_density(c, L, 128, 64) >= dens - 1e-6).all()
     o3 = bs.flex_block_sparse_attention(q, k, v, c, block_q=128, block_k=64)
     assert o3.shape == q.shape and torch.isfinite(o3).all()
+
+
+@pytest.mark.parametrize("Lq,Lk,Hq,Hkv", [(300, 1111, 4, 2), (64, 700, 2, 1), (1, 500, 2, 2)])
+def test_flex_with_an_offset_matches_reference(Lq, Lk, Hq, Hkv):
+    """Lq < Lk (a chunk): bottom-right causal mask over the reference's own map, and the full blocks with it."""
+    d = 64
+    g = torch.Generator().manual_seed(Lk)
+    q = torch.randn(1, Hq, Lq, d, generator=g)
+    k = torch.randn(1, Hkv, Lk, d, generator=g)
+    v = torch.randn(1, Hkv, Lk, d, generator=g)
+    k[:, :, 0] = 4 * q.mean((1, 2))[:, None]
+    tau = torch.tensor([0.0, 1e9, 0.05, 0.01][:Hq])
+    out, lse, bm, dens = sale_attention_reference(
+        q, k, v, tau, scale=1 / math.sqrt(d), block_q=64, block_k=32, sink_tokens=32, local_window=128,
+        estimate="int8", quant_group="per_token", dense=False, need_block_map=True, need_lse=True)
+    assert (dens[0, 1:] < 1).any(), "the test needs a sparse map"
+    o2, l2 = bs.flex_block_sparse_attention(q, k, v, bm, block_q=64, block_k=32, return_lse=True)
+    assert (o2 - out).abs().max().item() < 1e-4
+    assert (l2 - lse).abs().max().item() < 1e-4
+    full = bs._full_blocks(Lq, 64, 32, "cpu", Lk)
+    off = Lk - Lq
+    for qb in range(full.shape[0]):
+        for kb in range(full.shape[1]):
+            assert bool(full[qb, kb]) == ((kb + 1) * 32 - 1 <= qb * 64 + off), (qb, kb)
+    with pytest.raises(ValueError, match="Lq"):
+        bs.flex_block_sparse_attention(k, q[:, :Hkv], q[:, :Hkv], bm, block_q=64, block_k=32)

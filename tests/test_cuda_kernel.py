@@ -134,25 +134,29 @@ def _run_ref(q, k, v, tau, *, scale, sink_tokens, local_window, estimate, quant_
 
 
 def _brute_force(q, k, v, block_map, scale):
-    """float64 causal attention over the keys of block_map [B,Hq,nQ,nK]: (out, lse), per kv head in row chunks."""
-    B, Hq, L, d = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    out = torch.empty(B, Hq, L, d, dtype=torch.float64, device=q.device)
-    lse = torch.empty(B, Hq, L, dtype=torch.float64, device=q.device)
-    chunk = max(BQ, (1 << 25) // (G * L) // BQ * BQ)  # rows per step: [G, rows, keys] <= 2^25 float64
+    """float64 causal attention over the keys of block_map [B,Hq,nQ,nK]: (out, lse), per kv head in row chunks.
+
+    q [B,Hq,Lq,d], k/v [B,Hkv,Lk,d], Lq <= Lk: bottom-right causal (row i sees the keys j <= i + Lk - Lq)."""
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G, off = Hq // Hkv, Lk - Lq
+    out = torch.empty(B, Hq, Lq, d, dtype=torch.float64, device=q.device)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float64, device=q.device)
+    chunk = max(BQ, (1 << 25) // (G * Lk) // BQ * BQ)  # rows per step: [G, rows, keys] <= 2^25 float64
     for b in range(B):
         for kh in range(Hkv):
             hs = slice(kh * G, (kh + 1) * G)
             qq, kk, vv = q[b, hs].double(), k[b, kh].double(), v[b, kh].double()
-            for r0 in range(0, L, chunk):
-                r1 = min(L, r0 + chunk)
-                z = scale * qq[:, r0:r1] @ kk[:r1].T  # [G, rows, keys <= r1]
-                causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
-                mask = reference._expand(block_map[b, hs, r0 // BQ:-(-r1 // BQ)], BQ, BK, r1 - r0, r1) & causal
+            for r0 in range(0, Lq, chunk):
+                r1 = min(Lq, r0 + chunk)
+                kend = r1 + off
+                z = scale * qq[:, r0:r1] @ kk[:kend].T  # [G, rows, keys <= kend]
+                rows = torch.arange(r0, r1, device=q.device)
+                causal = torch.arange(kend, device=q.device)[None, :] <= rows[:, None] + off
+                mask = reference._expand(block_map[b, hs, r0 // BQ:-(-r1 // BQ)], BQ, BK, r1 - r0, kend) & causal
                 z.masked_fill_(~mask, -math.inf)
                 lse[b, hs, r0:r1] = torch.logsumexp(z, dim=-1)
-                out[b, hs, r0:r1] = torch.softmax(z, dim=-1) @ vv[:r1]
+                out[b, hs, r0:r1] = torch.softmax(z, dim=-1) @ vv[:kend]
     return out, lse
 
 
@@ -204,9 +208,10 @@ class _Oracle:
     """
 
     def __init__(self, q, k, *, scale, estimate, quant_group, sink_tokens, local_window):
-        B, Hq, L, _ = q.shape
-        self.G, self.L, self.scale = Hq // k.shape[1], L, scale
-        self.r_blocks = reference._block_ranges(L, L, BQ, BK, sink_tokens, local_window)[1].to(q.device)
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        self.G, self.Lq, self.off, self.scale = Hq // k.shape[1], Lq, Lk - Lq, scale
+        self.r_blocks = reference._block_ranges(Lq, Lk, BQ, BK, sink_tokens, local_window)[1].to(q.device)
         qmax = reference.QMAX[estimate]
         per_block = quant_group == "per_block"
         self.batches = []
@@ -226,16 +231,18 @@ class _Oracle:
         """(margin, lower, upper) per key block [nK] of query block qb, head h (-inf: no candidate key)."""
         x = self.batches[b]
         kv = h // self.G
-        r0, r1 = qb * BQ, min(self.L, (qb + 1) * BQ)
+        r0, r1 = qb * BQ, min(self.Lq, (qb + 1) * BQ)
+        kend = r1 + self.off  # keys visible to some row of the block
         dev = x["ks"].device
-        causal = torch.arange(r1, device=dev)[None, :] <= torch.arange(r0, r1, device=dev)[:, None]
-        in_r = reference._expand(self.r_blocks[qb:qb + 1], BQ, BK, r1 - r0, r1) & causal
-        z = self.scale * x["q"][h, r0:r1] @ x["ks"][kv, :r1].T
+        causal = torch.arange(kend, device=dev)[None, :] <= torch.arange(r0, r1, device=dev)[:, None] + self.off
+        in_r = reference._expand(self.r_blocks[qb:qb + 1], BQ, BK, r1 - r0, kend) & causal
+        z = self.scale * x["q"][h, r0:r1] @ x["ks"][kv, :kend].T
         thr = torch.logsumexp(z.masked_fill(~in_r, -math.inf), dim=-1, keepdim=True) + math.log(tau)
-        qi, ki = x["q_int"][h, r0:r1].double(), x["k_int"][kv, :r1].double()
-        steps = x["q_step"][h, r0:r1, None].double() * x["k_step"][kv, None, :r1].double()
-        zhat = self.scale * (steps * (qi @ ki.T) + x["qm"][h, None, :r1])
-        flip = x["q_tie"][h, r0:r1].double() @ (ki.abs() + 1).T + (qi.abs() + 1) @ x["k_tie"][kv, :r1].double().T
+        qi, ki = x["q_int"][h, r0:r1].double(), x["k_int"][kv, :kend].double()
+        steps = x["q_step"][h, r0:r1, None].double() * x["k_step"][kv, None, :kend].double()
+        zhat = self.scale * (steps * (qi @ ki.T) + x["qm"][h, None, :kend])
+        flip = (x["q_tie"][h, r0:r1].double() @ (ki.abs() + 1).T
+                + (qi.abs() + 1) @ x["k_tie"][kv, :kend].double().T)
         bound = ROUNDING * thr.abs().clamp(min=1) + self.scale * steps * flip
         e = (zhat - thr).masked_fill(in_r | ~causal, -math.inf)
         nK = self.r_blocks.shape[1]
@@ -244,8 +251,8 @@ class _Oracle:
 
 def _check_maps(name, bmap, rmap, q, k, tau, **opts):
     """Kernel vs reference block maps: every differing block borderline by the oracle, and few of them."""
-    B, Hq, L, _ = q.shape
-    vis = reference._block_ranges(L, L, BQ, BK, opts["sink_tokens"], opts["local_window"])[0]
+    B, Hq, Lq, _ = q.shape
+    vis = reference._block_ranges(Lq, k.shape[2], BQ, BK, opts["sink_tokens"], opts["local_window"])[0]
     nvis = int(vis.sum()) * B * Hq
     diff = (bmap != rmap).nonzero().tolist()
     worst, bad = 0.0, []
@@ -272,17 +279,19 @@ def _check_maps(name, bmap, rmap, q, k, tau, **opts):
 
 def _check_case(name, q, k, v, tau, *, scale=None, estimate="int8", quant_group="per_token", sink_tokens=BK,
                 local_window=128, compute="cuda"):
-    """One kernel call checked against float64 attention on its own map and against the reference's map.
+    """One kernel call checked against float64 attention on its own map and against the reference's map
+    (q [B,Hq,Lq,d] may be the last Lq rows of k's Lk positions).
 
     Returns (block map, density).
     """
-    B, Hq, L, d = q.shape
+    B, Hq, Lq, d = q.shape
+    Lk = k.shape[2]
     opts = dict(scale=1.0 / math.sqrt(d) if scale is None else scale, estimate=estimate, quant_group=quant_group,
                 sink_tokens=sink_tokens, local_window=local_window)
     out, lse, bmap, density, _ = _run_cuda(q, k, v, tau, compute=compute, **opts)
-    assert bmap.shape == (B, Hq, math.ceil(L / BQ), math.ceil(L / BK)) and bmap.dtype == torch.bool
+    assert bmap.shape == (B, Hq, math.ceil(Lq / BQ), math.ceil(Lk / BK)) and bmap.dtype == torch.bool
     _check_outputs(name, q, k, v, out, lse, bmap, opts["scale"])
-    vis, r = (t.to(q.device) for t in reference._block_ranges(L, L, BQ, BK, sink_tokens, local_window))
+    vis, r = (t.to(q.device) for t in reference._block_ranges(Lq, Lk, BQ, BK, sink_tokens, local_window))
     assert not (bmap & ~vis).any(), f"{name}: a block outside the causal range"
     assert not (r & ~bmap).any(), f"{name}: a block of R not computed"
     want = (bmap & vis).sum(dim=(-1, -2)).float() / vis.sum()
@@ -428,8 +437,8 @@ def test_unsupported_configurations_raise():
     q96, k96, v96 = _inputs(1, 4, 2, 256, 96, torch.bfloat16, 0, structured=False)
     with pytest.raises(ValueError, match="head_dim"):
         _run_cuda(q96, k96, v96, tau)
-    with pytest.raises(ValueError, match="Lq == Lk"):
-        _run_cuda(q[:, :, :128], k, v, tau)
+    with pytest.raises(ValueError, match="Lq <= Lk"):  # more queries than keys (Lq < Lk is a chunk: supported)
+        _run_cuda(q, k[:, :, :128], v[:, :, :128], tau)
     with pytest.raises(ValueError):
         _run_cuda(q.float(), k.float(), v.float(), tau)
     for bad in (-1.0, math.nan):

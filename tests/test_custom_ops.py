@@ -56,3 +56,39 @@ def test_selection_chunks_bound_the_workspace():
         for b0, b1, h0, h1 in got:
             n = (b1 - b0) * (h1 - h0)
             assert n == 1 or n * Lpad * (ib * (G + 1) + 12 * G) <= budget
+
+
+def test_fake_shapes_of_a_chunk():
+    """Lq < Lk: query-side buffers Lq long (padded to 64), key-side Lk long; the bitmap has nQ of Lq rows and the
+    words of nK of Lk; lse [B, Hq, Lq]."""
+    B, Hq, Hkv, Lq, Lk, d = 1, 8, 2, 100, 3000, 128
+    q = torch.empty(B, Hq, Lq, d, device="meta", dtype=torch.float16)
+    k = torch.empty(B, Hkv, Lk, d, device="meta", dtype=torch.float16)
+    kint, sk, qint, sq, qm, qkm = torch.ops.sale.quantize(q, k, True, 8, 0.1)
+    assert kint.shape == (B, Hkv, 3008, d) and sk.shape == (B, Hkv, 3008) and qm.shape == (B, Hq, 3008)
+    assert qint.shape == (B, Hq, 128, d) and sq.shape == qkm.shape == (B, Hq, 128)
+    bits_map, pairs = torch.ops.sale.select(q, k, qint, sq, kint, sk, qm, qkm, torch.empty(Hq, device="meta"), 0.1,
+                                            32, 128)
+    assert bits_map.shape == (B, Hq, 2, 3) and pairs.shape == (B, Hq)  # nK = 94 key blocks: 3 words
+    out, lse = torch.ops.sale.compute(q, k, k, bits_map, 0.1, True)
+    assert out.shape == q.shape and lse.shape == (B, Hq, Lq)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 777), (64, 4160), (1000, 5000), (1337, 6001), (4099, 4099)])
+def test_visible_pairs_match_the_reference(Lq, Lk):
+    from sale_cli.kernels.reference import _block_ranges
+
+    assert cuda_backend._visible_pairs(Lq, Lk, 64, 32) == int(_block_ranges(Lq, Lk, 64, 32, 32, 128)[0].sum())
+
+
+def test_selection_chunks_of_a_chunk():
+    """Lq < Lk: the query side is sized by Lq, the key side by Lk; Lk = L is the old formula."""
+    chunks = cuda_backend._selection_chunks
+    assert chunks(1, 32, 8, 16384, 128, "int8", Lk=16384) == chunks(1, 32, 8, 16384, 128, "int8")
+    # a 16K chunk at the end of 128K tokens: more chunks than a 16K prefill, fewer than the whole 128K call
+    n = len(chunks(1, 32, 8, 16384, 128, "int8", Lk=131072))
+    assert 1 < n <= len(chunks(1, 32, 8, 131072, 128, "int8"))
+    budget = 20 << 20
+    for b0, b1, h0, h1 in chunks(2, 12, 4, 1000, 64, "int8", budget, Lk=9000):
+        per_head = 1024 * 3 * (64 + 8) + 9024 * (64 + 4 * 3 + 4)
+        assert (b1 - b0) * (h1 - h0) * per_head <= budget

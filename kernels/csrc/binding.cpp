@@ -42,19 +42,22 @@ at::Tensor channel_mean(const at::Tensor& x, cudaStream_t stream) {
 }  // namespace
 
 // Stage 1. Returns {kint, sk, qint, sq, qm, qkm}; kint/qint rows are D bytes (int8) or D / 2 (int4, packed).
+// q [B, Hq, Lq, D] and k [B, Hkv, Lk, D] with Lq <= Lk (the queries are the last Lq positions): K's mean, steps
+// and qm run over the Lk keys (padded to LkPad), Q's mean, steps and qkm over the Lq rows (LqPad).
 std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_block, int64_t bits, double scale) {
   check_qkv(q, "q");
   check_qkv(k, "k");
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "q and k must have the same dtype");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK(k.size(0) == B && k.size(2) == L && k.size(3) == D, "k shape mismatch");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k shape mismatch");
+  TORCH_CHECK(Lq >= 1 && Lq <= Lk, "need 1 <= Lq <= Lk, got Lq=", Lq, ", Lk=", Lk);
   TORCH_CHECK(Hq % Hkv == 0, "Hq must be a multiple of Hkv");
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(G <= 16, "at most 16 query heads per kv head are supported by the CUDA backend");
   TORCH_CHECK(bits == 8 || bits == 4, "estimate bits must be 8 or 4, got ", bits);
-  const int64_t Lpad = pad64(L);
+  const int64_t LqPad = pad64(Lq), LkPad = pad64(Lk);
   const int64_t IB = bits == 4 ? D / 2 : D;
   const int qmax = bits == 4 ? 7 : 127;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
@@ -64,12 +67,12 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
 
   auto f32 = q.options().dtype(at::kFloat);
   auto i8 = q.options().dtype(at::kChar);
-  auto kint = at::empty({B, Hkv, Lpad, IB}, i8);
-  auto sk = at::empty({B, Hkv, Lpad}, f32);
-  auto qm = at::empty({B, Hq, Lpad}, f32);
-  auto qint = at::empty({B, Hq, Lpad, IB}, i8);
-  auto sq = at::empty({B, Hq, Lpad}, f32);
-  auto qkm = at::empty({B, Hq, Lpad}, f32);
+  auto kint = at::empty({B, Hkv, LkPad, IB}, i8);
+  auto sk = at::empty({B, Hkv, LkPad}, f32);
+  auto qm = at::empty({B, Hq, LkPad}, f32);
+  auto qint = at::empty({B, Hq, LqPad, IB}, i8);
+  auto sq = at::empty({B, Hq, LqPad}, f32);
+  auto qkm = at::empty({B, Hq, LqPad}, f32);
 
   sale::QuantParams pk{};
   pk.x = k.data_ptr();
@@ -80,8 +83,8 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
   pk.step = sk.data_ptr<float>();
   pk.qmean = qmean.data_ptr<float>();
   pk.qm = qm.data_ptr<float>();
-  pk.L = (int)L;
-  pk.Lpad = (int)Lpad;
+  pk.L = (int)Lk;
+  pk.Lpad = (int)LkPad;
   pk.H = (int)Hkv;
   pk.G = (int)G;
   pk.group_rows = per_block ? sale::kBlockK : 1;
@@ -100,8 +103,8 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
   pq.step = sq.data_ptr<float>();
   pq.qmean = nullptr;
   pq.qm = nullptr;
-  pq.L = (int)L;
-  pq.Lpad = (int)Lpad;
+  pq.L = (int)Lq;
+  pq.Lpad = (int)LqPad;
   pq.H = (int)Hq;
   pq.G = (int)G;
   pq.group_rows = per_block ? sale::kBlockQ : 1;
@@ -122,22 +125,25 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   TORCH_CHECK(tau.is_cuda() && tau.scalar_type() == at::kFloat && tau.is_contiguous(), "tau must be CUDA float32");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
   TORCH_CHECK(tau.numel() == Hq, "thresholds must have Hq entries");
-  const int64_t Lpad = pad64(L);
-  TORCH_CHECK(k.size(2) == L && kint.size(2) == Lpad && qint.size(2) == Lpad && qkm.size(2) == Lpad,
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "k shape mismatch");
+  TORCH_CHECK(Lq >= 1 && Lq <= Lk, "need 1 <= Lq <= Lk, got Lq=", Lq, ", Lk=", Lk);
+  const int64_t LqPad = pad64(Lq), LkPad = pad64(Lk);
+  TORCH_CHECK(kint.size(2) == LkPad && sk.size(2) == LkPad && qm.size(2) == LkPad && qint.size(2) == LqPad &&
+                  sq.size(2) == LqPad && qkm.size(2) == LqPad,
               "quantized buffers mismatch");
   const int64_t IB = kint.size(3);
   TORCH_CHECK((IB == D || IB == D / 2) && qint.size(3) == IB, "quantized rows must be D (int8) or D/2 (int4) bytes");
-  const int64_t nQ = (L + sale::kBlockQ - 1) / sale::kBlockQ;
-  const int64_t nK = (L + sale::kBlockK - 1) / sale::kBlockK;
+  const int64_t nQ = (Lq + sale::kBlockQ - 1) / sale::kBlockQ;
+  const int64_t nK = (Lk + sale::kBlockK - 1) / sale::kBlockK;
   const int64_t nW = (nK + 31) / 32;
   auto bits = at::empty({B, Hq, nQ, nW}, q.options().dtype(at::kInt));
   // the row bound's qm: one max per (query head, key block)
-  auto qmb = qm.view({B, Hq, Lpad / sale::kBlockK, sale::kBlockK}).amax(-1).contiguous();
+  auto qmb = qm.view({B, Hq, LkPad / sale::kBlockK, sale::kBlockK}).amax(-1).contiguous();
   // the row bound's sk: per key block, the max over the 8 keys of each accumulator column class t (keys 8n + 2t and
   // 8n + 2t + 1, n = 0..3: the keys of one thread's mma / wgmma accumulator fragment)
-  auto skq = sk.view({B, Hkv, Lpad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
+  auto skq = sk.view({B, Hkv, LkPad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
   auto pairs = at::zeros({B, Hq}, q.options().dtype(at::kInt));
   sale::SelectParams p{};
   p.q = q.data_ptr();
@@ -156,14 +162,17 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.B = (int)B;
   p.Hq = (int)Hq;
   p.Hkv = (int)Hkv;
-  p.L = (int)L;
-  p.Lpad = (int)Lpad;
+  p.Lq = (int)Lq;
+  p.Lk = (int)Lk;
+  p.LqPad = (int)LqPad;
+  p.LkPad = (int)LkPad;
+  p.off = (int)(Lk - Lq);
   p.nQ = (int)nQ;
   p.nK = (int)nK;
   p.nW = (int)nW;
-  p.nKpad = (int)(Lpad / sale::kBlockK);
-  p.sink_tokens = (int)std::min<int64_t>(sink_tokens, L);
-  p.local_window = (int)std::min<int64_t>(local_window, L);
+  p.nKpad = (int)(LkPad / sale::kBlockK);
+  p.sink_tokens = (int)std::min<int64_t>(sink_tokens, Lk);
+  p.local_window = (int)std::min<int64_t>(local_window, Lk);
   p.scale = (float)scale;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   SALE_CHECK_CUDA(sale::launch_select(p, (int)D, bf16, IB != D, stream));
@@ -171,7 +180,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   return {bits, pairs};
 }
 
-// Stage 3. Returns {o, lse ([0, Hq, L] if !need_lse)}.
+// Stage 3. Returns {o, lse ([0, Hq, Lq] if !need_lse)}; q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D], Lq <= Lk.
 std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bits, double scale,
                                      bool need_lse) {
   check_qkv(q, "q");
@@ -182,16 +191,18 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
               "bits must be a contiguous CUDA int32 [B,Hq,nQ,nW]");
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3), Hkv = v.size(1);
-  const int64_t nQ = (L + sale::kBlockQ - 1) / sale::kBlockQ;
-  const int64_t nK = (L + sale::kBlockK - 1) / sale::kBlockK;
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = v.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && Hq % Hkv == 0,
+              "k/v shape mismatch");
+  TORCH_CHECK(Lq >= 1 && Lq <= Lk, "need 1 <= Lq <= Lk, got Lq=", Lq, ", Lk=", Lk);
+  const int64_t nQ = (Lq + sale::kBlockQ - 1) / sale::kBlockQ;
+  const int64_t nK = (Lk + sale::kBlockK - 1) / sale::kBlockK;
   const int64_t nW = (nK + 31) / 32;
   TORCH_CHECK(bits.size(0) == B && bits.size(1) == Hq && bits.size(2) == nQ && bits.size(3) == nW,
               "bits shape mismatch");
-  TORCH_CHECK(k.size(2) == L && v.size(2) == L && k.size(1) == Hkv, "k/v shape mismatch");
   auto o = at::empty_like(q);
   // without need_lse an empty tensor (custom ops return tensors, never None)
-  auto lse = at::empty({need_lse ? B : 0, Hq, L}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({need_lse ? B : 0, Hq, Lq}, q.options().dtype(at::kFloat));
   sale::ComputeParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -202,8 +213,9 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
   p.B = (int)B;
   p.Hq = (int)Hq;
   p.Hkv = (int)Hkv;
-  p.L = (int)L;
-  p.Lpad = (int)pad64(L);
+  p.Lq = (int)Lq;
+  p.Lk = (int)Lk;
+  p.off = (int)(Lk - Lq);
   p.nQ = (int)nQ;
   p.nW = (int)nW;
   p.scale_log2 = (float)(scale * 1.4426950408889634);

@@ -321,22 +321,23 @@ __device__ __forceinline__ void warp_qk_16x32(const uint32_t (&qf)[D / 16][4], u
   }
 }
 
-// Key blocks of the always-computed set R of a query block (Lq == Lk, causal): sink blocks [0, nsink) and
-// local blocks [lstart, lend]; visible blocks are [0, lend].
+// Key blocks of the always-computed set R of a query block (causal, bottom-right: the call's rows are the last Lq
+// positions, row i at absolute position i + off with off = Lk - Lq): sink blocks [0, nsink) and local blocks
+// [lstart, lend]; visible blocks are [0, lend]. Rows are counted in the call (r0, r1), key blocks absolutely.
 struct BlockRange {
-  int r0, r1;     // first / last valid row of the query block
+  int r0, r1;     // first / last valid row of the query block (in the call)
   int nsink;      // sink blocks (clamped to visible)
   int lstart;     // first local block
   int lend;       // last visible block (= last local block)
 };
 
-__device__ __forceinline__ BlockRange block_range(int qb, int L, int bq, int bk, int sink_tokens,
+__device__ __forceinline__ BlockRange block_range(int qb, int Lq, int off, int bq, int bk, int sink_tokens,
                                                   int local_window) {
   BlockRange r;
   r.r0 = qb * bq;
-  r.r1 = min(r.r0 + bq, L) - 1;
-  r.lend = r.r1 / bk;
-  const int ls = r.r0 - local_window;
+  r.r1 = min(r.r0 + bq, Lq) - 1;
+  r.lend = (r.r1 + off) / bk;
+  const int ls = r.r0 + off - local_window;
   r.lstart = ls > 0 ? ls / bk : 0;
   const int ns = sink_tokens > 0 ? (sink_tokens + bk - 1) / bk : 0;
   r.nsink = min(ns, r.lend + 1);

@@ -10,6 +10,9 @@
 //     V tile MN-major), tiles in the 128-byte swizzle layout; Q K^T of tile t and P V of tile t-1 are issued
 //     back to back and the softmax of tile t overlaps P V (FlashAttention-3's intra-warpgroup order). 2 CTAs
 //     per SM.
+//   Lq < Lk (bottom-right causal, call row i at absolute position i + off, off = Lk - Lq): the masks compare the
+//   key index minus off (one integer subtraction per tile, off read from the parameter bank: no register held
+//   across the loop) with the row in the call; the bitmap already bounds the loop to the visible blocks.
 //   The softmax is invariant to the smoothing shift of K (K minus its per-channel mean), so the original K is
 //   used here: the same output as smoothed K, one rounding fewer, and lse is that of the original logits.
 #include "sale_common.cuh"
@@ -108,7 +111,8 @@ __device__ __forceinline__ void rescale_o(float (&o)[ND][4], float corr_a, float
   }
 }
 
-// Causal mask of one 8-key chunk (keys key0 + 2t + {0, 1}) for rows row_a (e 0, 1) and row_b = row_a + 8 (e 2, 3)
+// Causal mask of one 8-key chunk (keys key0 + 2t + {0, 1}) for rows row_a (e 0, 1) and row_b = row_a + 8 (e 2, 3);
+// key0 relative to the call's rows (absolute key - off), so that key j is visible to row i iff j <= i
 __device__ __forceinline__ void mask_chunk(float (&x)[4], int key0, int t, int row_a) {
 #pragma unroll
   for (int e = 0; e < 4; ++e)
@@ -127,7 +131,7 @@ __device__ __forceinline__ void pack_p(const float (&s)[NC][4], uint32_t (&pa)[N
   }
 }
 
-// o / l for rows row_a, row_b (dropped past L) and lse (natural log) if requested
+// o / l for rows row_a, row_b (in the call; dropped past Lq) and lse (natural log) if requested
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(const ComputeParams& p, int b, int hq, int row_a, int t,
                                            const float (&o)[D / 8][4], float m_a, float m_b, float l_a, float l_b) {
@@ -136,27 +140,27 @@ __device__ __forceinline__ void store_rows(const ComputeParams& p, int b, int hq
   l_b = quad_sum(l_b);
   const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
   const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  T* og = reinterpret_cast<T*>(p.o) + (size_t)(b * p.Hq + hq) * p.L * D;
+  T* og = reinterpret_cast<T*>(p.o) + (size_t)(b * p.Hq + hq) * p.Lq * D;
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
     const int ch = n * 8 + 2 * t;
-    if (row_a < p.L)
+    if (row_a < p.Lq)
       *reinterpret_cast<uint32_t*>(og + (size_t)row_a * D + ch) = TypeTraits<T>::pack2(o[n][0] * inv_a, o[n][1] * inv_a);
-    if (row_b < p.L)
+    if (row_b < p.Lq)
       *reinterpret_cast<uint32_t*>(og + (size_t)row_b * D + ch) = TypeTraits<T>::pack2(o[n][2] * inv_b, o[n][3] * inv_b);
   }
   if (p.lse != nullptr && t == 0) {
     constexpr float LN2 = 0.69314718055994530942f;
-    float* lg = p.lse + (size_t)(b * p.Hq + hq) * p.L;
-    if (row_a < p.L) lg[row_a] = l_a > 0.f ? m_a * LN2 + logf(l_a) : -INFINITY;
-    if (row_b < p.L) lg[row_b] = l_b > 0.f ? m_b * LN2 + logf(l_b) : -INFINITY;
+    float* lg = p.lse + (size_t)(b * p.Hq + hq) * p.Lq;
+    if (row_a < p.Lq) lg[row_a] = l_a > 0.f ? m_a * LN2 + logf(l_a) : -INFINITY;
+    if (row_b < p.Lq) lg[row_b] = l_b > 0.f ? m_b * LN2 + logf(l_b) : -INFINITY;
   }
 }
 
 }  // namespace
 
-// The CTA's query block (heavy, late blocks first), query head, batch entry, first row, and its Q / K / V rows and
-// bitmap row, as both computation kernels index them.
+// The CTA's query block (heavy, late blocks first), query head, batch entry, first row (in the call), and its
+// Q / K / V rows and bitmap row, as both computation kernels index them.
 template <typename T>
 struct ComputeCta {
   int qb, hq, b, r0;
@@ -167,9 +171,9 @@ template <typename T, int D>
 __device__ __forceinline__ ComputeCta<T> compute_cta(const ComputeParams& p) {
   const int qb = p.nQ - 1 - blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
   const int hkv = hq / (p.Hq / p.Hkv), r0 = qb * kBlockQ;
-  return {qb, hq, b, r0, reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + r0) * D,
-          reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D,
-          reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.L * D,
+  return {qb, hq, b, r0, reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.Lq + r0) * D,
+          reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.Lk * D,
+          reinterpret_cast<const T*>(p.v) + (size_t)(b * p.Hkv + hkv) * p.Lk * D,
           p.bits + ((size_t)(b * p.Hq + hq) * p.nQ + qb) * p.nW};
 }
 
@@ -190,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   const int g = lane / 4, t = lane % 4;
 
   // Q tile
-  load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
+  load_tile<T, D>(sQ, qg, kBlockQ, p.Lq - r0, tid);
   cp_async_commit();
 
   BitIter<false> ld_it, cmp_it;
@@ -202,8 +206,8 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
   for (int s = 0; s < kStages - 1; ++s) {
     const int kb = ld_it.next();
     if (kb >= 0) {
-      load_tile<T, D>(sK + s * KV_BYTES, kg + (size_t)kb * KT * D, KT, p.L - kb * KT, tid);
-      load_tile<T, D>(sV + s * KV_BYTES, vg + (size_t)kb * KT * D, KT, p.L - kb * KT, tid);
+      load_tile<T, D>(sK + s * KV_BYTES, kg + (size_t)kb * KT * D, KT, p.Lk - kb * KT, tid);
+      load_tile<T, D>(sV + s * KV_BYTES, vg + (size_t)kb * KT * D, KT, p.Lk - kb * KT, tid);
     }
     cp_async_commit();
   }
@@ -230,8 +234,8 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
       const int kbl = ld_it.next();
       const int slot = (it + kStages - 1) % kStages;
       if (kbl >= 0) {
-        load_tile<T, D>(sK + slot * KV_BYTES, kg + (size_t)kbl * KT * D, KT, p.L - kbl * KT, tid);
-        load_tile<T, D>(sV + slot * KV_BYTES, vg + (size_t)kbl * KT * D, KT, p.L - kbl * KT, tid);
+        load_tile<T, D>(sK + slot * KV_BYTES, kg + (size_t)kbl * KT * D, KT, p.Lk - kbl * KT, tid);
+        load_tile<T, D>(sV + slot * KV_BYTES, vg + (size_t)kbl * KT * D, KT, p.Lk - kbl * KT, tid);
       }
       cp_async_commit();
     }
@@ -242,10 +246,12 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
     float s[4][4];
     warp_qk_16x32<BF, D>(qf, cK, lane, s);
 
-    // causal mask on blocks that reach past the block's first row, online softmax
-    if (kb * KT + KT - 1 > r0) {
+    // causal mask on blocks that reach past the block's first row, online softmax (keys shifted by the offset:
+    // p.off is read from the parameter bank, no register held across the loop)
+    const int kr = kb * KT - p.off;
+    if (kr + KT - 1 > r0) {
 #pragma unroll
-      for (int n = 0; n < 4; ++n) mask_chunk(s[n], kb * KT + n * 8, t, row_a);
+      for (int n = 0; n < 4; ++n) mask_chunk(s[n], kr + n * 8, t, row_a);
     }
     float corr_a, corr_b;
     if (softmax_p<4>(s, p.scale_log2, m_a, m_b, l_a, l_b, corr_a, corr_b)) rescale_o<D / 8>(o, corr_a, corr_b);
@@ -306,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int kb = h == 0 ? kb0 : kb1;
-      const int nvalid = kb >= 0 ? p.L - kb * kBlockK : 0;
+      const int nvalid = kb >= 0 ? p.Lk - kb * kBlockK : 0;
       const size_t off = (size_t)max(kb, 0) * kBlockK * D;
       const uint32_t so = slot * KV_BYTES + h * HALF + l_soff;
 #pragma unroll
@@ -324,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
   int kb0 = blocks.next();
   int kb1 = kb0 >= 0 ? blocks.next() : -1;
 
-  load_tile<T, D>(sQ, qg, kBlockQ, p.L - r0, tid);
+  load_tile<T, D>(sQ, qg, kBlockQ, p.Lq - r0, tid);
   load_pair(kb0, kb1, 0);
   // V slot of "tile -1" zeroed, so that P V(-1) can be issued unconditionally (no branch between the wgmmas)
   for (int i = tid; i < KV_BYTES / 16; i += kThreads)
@@ -375,11 +381,12 @@ __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputePar
     reg_fence(s);
     // the second block missing (odd count) or keys past the causal limit -> -inf, in place and only on the
     // (rare, CTA-uniform) tiles that need it (a missing block: keys past every row)
-    if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 > r0 || kb0 * kBlockK + kBlockK - 1 > r0) {
+    // (keys relative to the call's rows: absolute key - off)
+    if (kb1 < 0 || kb1 * kBlockK + kBlockK - 1 - p.off > r0 || kb0 * kBlockK + kBlockK - 1 - p.off > r0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int kb = h == 0 ? kb0 : kb1;
-        const int key0 = kb >= 0 ? kb * kBlockK : p.L + kBlockQ;
+        const int key0 = kb >= 0 ? kb * kBlockK - p.off : p.Lq + kBlockQ;  // a missing block: past every row
 #pragma unroll
         for (int n = 0; n < 4; ++n) mask_chunk(s[4 * h + n], key0 + n * 8, t, row_a);
       }

@@ -45,21 +45,23 @@ struct QuantParams {
 cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, cudaStream_t stream);
 
 // ---- stage 2: selection ----------------------------------------------------------------------
+// Queries are the last Lq of Lk positions (bottom-right causal): call row i is at absolute position i + off,
+// off = Lk - Lq >= 0, and sees the keys j <= i + off. Query-side buffers are Lq (LqPad) long, key-side Lk (LkPad).
 struct SelectParams {
-  const void* q;        // [B, Hq, L, D]
-  const void* k;        // K [B, Hkv, L, D] (unsmoothed: logits are shifted by -qkm, exactly the smoothed ones)
-  const int8_t* qi;     // [B, Hq, Lpad, IB] (IB = D for int8, D / 2 for packed int4)
-  const float* sq;      // [B, Hq, Lpad]
-  const int8_t* ki;     // [B, Hkv, Lpad, IB]
-  const float* sk;      // [B, Hkv, Lpad]
-  const float* qm;      // [B, Hq, Lpad]
-  const float* qmb;     // [B, Hq, nKpad]: max of qm over each key block (nKpad = Lpad / 32)
+  const void* q;        // [B, Hq, Lq, D]
+  const void* k;        // K [B, Hkv, Lk, D] (unsmoothed: logits are shifted by -qkm, exactly the smoothed ones)
+  const int8_t* qi;     // [B, Hq, LqPad, IB] (IB = D for int8, D / 2 for packed int4)
+  const float* sq;      // [B, Hq, LqPad]
+  const int8_t* ki;     // [B, Hkv, LkPad, IB]
+  const float* sk;      // [B, Hkv, LkPad]
+  const float* qm;      // [B, Hq, LkPad]
+  const float* qmb;     // [B, Hq, nKpad]: max of qm over each key block (nKpad = LkPad / 32)
   const float* skq;     // [B, Hkv, nKpad, 4]: max of sk over keys 8n + 2t + {0, 1} (n = 0..3) of each block, per t
-  const float* qkm;     // [B, Hq, Lpad] scale * q_i . kmean
+  const float* qkm;     // [B, Hq, LqPad] scale * q_i . kmean
   const float* tau;     // [Hq]
-  uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed
+  uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed (nQ of Lq, nK of Lk)
   int* pairs;           // out [B, Hq] (zeroed by the caller): computed (qblock, kblock) pairs
-  int B, Hq, Hkv, L, Lpad, nQ, nK, nW, nKpad;
+  int B, Hq, Hkv, Lq, Lk, LqPad, LkPad, off, nQ, nK, nW, nKpad;
   int sink_tokens, local_window;
   float scale;
 };
@@ -69,14 +71,14 @@ cudaError_t launch_select(const SelectParams& p, int D, bool bf16, bool int4, cu
 
 // ---- stage 3: block-sparse attention -----------------------------------------------------------
 struct ComputeParams {
-  const void* q;        // [B, Hq, L, D]
-  const void* k;        // K [B, Hkv, L, D] (softmax is invariant to the smoothing shift, so the original K
+  const void* q;        // [B, Hq, Lq, D]
+  const void* k;        // K [B, Hkv, Lk, D] (softmax is invariant to the smoothing shift, so the original K
                         // is used: exact in the input dtype, and lse comes out for the original logits)
-  const void* v;        // [B, Hkv, L, D]
+  const void* v;        // [B, Hkv, Lk, D]
   const uint32_t* bits; // [B, Hq, nQ, nW]
-  void* o;              // [B, Hq, L, D]
-  float* lse;           // [B, Hq, L] or nullptr
-  int B, Hq, Hkv, L, Lpad, nQ, nW;
+  void* o;              // [B, Hq, Lq, D]
+  float* lse;           // [B, Hq, Lq] or nullptr
+  int B, Hq, Hkv, Lq, Lk, off, nQ, nW;  // off = Lk - Lq (bottom-right causal, as in SelectParams)
   float scale_log2;     // scale * log2(e)
 };
 cudaError_t launch_compute(const ComputeParams& p, int D, bool bf16, cudaStream_t stream);

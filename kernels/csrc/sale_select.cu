@@ -25,6 +25,10 @@
 //      * a head skips a block already selected by another warp (early exit of the OR over the block).
 //   Output: bitmap of computed key blocks (R | selected) per query block, and per-head pair counts.
 //   tau == 0: every visible block.
+//   Lq < Lk (a chunk of a chunked prefill): the call's rows are the last Lq positions; query blocks are counted
+//   from the call's first row, key blocks (R, visibility, the bitmap) in absolute key positions. The offset
+//   off = Lk - Lq enters only per-CTA constants (block_range) and stage A's causal test (key - off vs the row);
+//   stage B's candidates lie wholly below every row of the block, so its loop is the same for any offset.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
 
@@ -87,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
   const int hkv = hq0 / G;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const BlockRange br = block_range(qb, p.L, kBlockQ, kBlockK, p.sink_tokens, p.local_window);
+  const BlockRange br = block_range(qb, p.Lq, p.off, kBlockQ, kBlockK, p.sink_tokens, p.local_window);
 
   for (int i = tid; i < HC * p.nW; i += kThreads) {
     const int h = i / p.nW, w = i % p.nW;
@@ -110,19 +114,19 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     // ---------------- A: exact statistics over R, per head ----------------
     const uint32_t sQ = smem_u32(smem);
     const uint32_t sK = sQ + Q_BYTES;
-    const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.L * D;
+    const T* kg = reinterpret_cast<const T*>(p.k) + (size_t)(b * p.Hkv + hkv) * p.Lk * D;
     constexpr int CPR = D / 8;
-    const int row_a = br.r0 + warp * 16 + g, row_b = row_a + 8;
+    const int row_a = br.r0 + warp * 16 + g, row_b = row_a + 8;  // in the call
     const int nR = br.nsink + (br.lend - max(br.lstart, br.nsink) + 1);
     for (int h = 0; h < HC; ++h) {
       const int hq = hq0 + h;
       const float tau = p.tau[hq];
       if (!(tau > 0.f)) continue;  // uniform
       __syncthreads();  // previous head's tiles fully consumed
-      const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.L + br.r0) * D;
+      const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.Lq + br.r0) * D;
       for (int i = tid; i < kBlockQ * CPR; i += kThreads) {
         const int r = i / CPR, c = i % CPR;
-        const bool ok = br.r0 + r < p.L;
+        const bool ok = br.r0 + r < p.Lq;
         cp_async16(sQ + swz<RB>(r, c), ok ? qg + (size_t)r * D + c * 8 : qg, ok);
       }
       cp_async_commit();
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       __syncthreads();
       uint32_t qf[D / 16][4];
       load_q_fragments<D>(sQ, warp, lane, qf);
-      const float* qkmg = p.qkm + (size_t)(b * p.Hq + hq) * p.Lpad;
+      const float* qkmg = p.qkm + (size_t)(b * p.Hq + hq) * p.LqPad;
       const float c_a = qkmg[row_a], c_b = qkmg[row_b];
       float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
       for (int ri = 0; ri < nR; ++ri) {
@@ -138,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         __syncthreads();  // previous K tile fully consumed
         for (int i = tid; i < kBlockK * CPR; i += kThreads) {
           const int r = i / CPR, c = i % CPR;
-          const bool ok = kb * kBlockK + r < p.L;
+          const bool ok = kb * kBlockK + r < p.Lk;
           cp_async16(sK + swz<RB>(r, c), ok ? kg + ((size_t)kb * kBlockK + r) * D + c * 8 : kg, ok);
         }
         cp_async_commit();
@@ -151,7 +155,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         for (int n = 0; n < 4; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int key = kb * kBlockK + n * 8 + 2 * t + (e & 1);
+            // the key's position relative to the call's rows (key - off): visible to row i iff <= i
+            const int key = kb * kBlockK - p.off + n * 8 + 2 * t + (e & 1);
             const int row = (e < 2) ? row_a : row_b;
             const float z = __fsub_rn(__fmul_rn(s[n][e], p.scale), (e < 2) ? c_a : c_b);
             s[n][e] = key > row ? -INFINITY : z;
@@ -180,9 +185,9 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       const float log_tau = logf(tau);  // threshold = (m + ln tau) + ln l, the reference's order
       if (t == 0) {
         thr_s[h * kBlockQ + warp * 16 + g] =
-            row_a < p.L ? __fadd_rn(__fadd_rn(m_a, log_tau), logf(l_a)) : INFINITY;
+            row_a < p.Lq ? __fadd_rn(__fadd_rn(m_a, log_tau), logf(l_a)) : INFINITY;
         thr_s[h * kBlockQ + warp * 16 + g + 8] =
-            row_b < p.L ? __fadd_rn(__fadd_rn(m_b, log_tau), logf(l_b)) : INFINITY;
+            row_b < p.Lq ? __fadd_rn(__fadd_rn(m_b, log_tau), logf(l_b)) : INFINITY;
       }
     }
     __syncthreads();  // region A is reused by stage B; thr_s complete
@@ -204,13 +209,13 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       const bool act = p.tau[hq] > 0.f;
       active |= act ? (1u << h) : 0u;
       if constexpr (WG) {  // Q tile of head h -> shared memory (joins the pipeline's first cp.async group)
-        const int8_t* qit = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + lr) * IB + lc * 16;
+        const int8_t* qit = p.qi + ((size_t)(b * p.Hq + hq) * p.LqPad + br.r0 + lr) * IB + lc * 16;
         const uint32_t base = smem_u32(smem) + REGION + h * kBlockQ * 128;
 #pragma unroll
         for (int k = 0; k < kBlockQ / RPB; ++k)
           cp_async16(base + t_soff + k * RPB * 128, qit + (size_t)k * RPB * IB, true);
       } else {
-        const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.Lpad + br.r0 + warp * 16) * IB;
+        const int8_t* qig = p.qi + ((size_t)(b * p.Hq + hq) * p.LqPad + br.r0 + warp * 16) * IB;
 #pragma unroll
         for (int kk = 0; kk < IB / 32; ++kk) {
           qa[h][kk][0] = act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)g * IB + kk * 32 + t * 4) : 0u;
@@ -220,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
               act ? *reinterpret_cast<const uint32_t*>(qig + (size_t)(g + 8) * IB + kk * 32 + 16 + t * 4) : 0u;
         }
       }
-      const float* sqg = p.sq + (size_t)(b * p.Hq + hq) * p.Lpad;
+      const float* sqg = p.sq + (size_t)(b * p.Hq + hq) * p.LqPad;
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         const float th = act ? thr_s[h * kBlockQ + warp * 16 + g + 8 * rr] : INFINITY;
@@ -233,9 +238,9 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         sqr[h][rr] = sqg[br.r0 + warp * 16 + g + 8 * rr];
       }
     }
-    const int8_t* kig = p.ki + (size_t)(b * p.Hkv + hkv) * p.Lpad * IB;
-    const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.Lpad;
-    const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.Lpad;
+    const int8_t* kig = p.ki + (size_t)(b * p.Hkv + hkv) * p.LkPad * IB;
+    const float* skg = p.sk + (size_t)(b * p.Hkv + hkv) * p.LkPad;
+    const float* qmg = p.qm + (size_t)(b * p.Hq + hq0) * p.LkPad;
     const float* qmbg = p.qmb + (size_t)(b * p.Hq + hq0) * p.nKpad;
     const float* skqg = p.skq + (size_t)(b * p.Hkv + hkv) * p.nKpad * 4;
     const uint32_t sB = smem_u32(smem);
@@ -247,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     // loaded in order): its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a
     // head's qm (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), or a block's
     // 4 skq values (16 bytes, the next 2 threads). The second block of the last tile may lie past bend: its values
-    // are still below nKpad / Lpad.
+    // are still below nKpad / LkPad.
     const int8_t* k_src = kig + (size_t)(bstart * kBlockK + lr) * IB + lc * 16;
     const float* f_src = nullptr;  // none past the side-copy threads
     uint32_t f_dst = 0u;
@@ -259,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       f_step = kTileKeys;
     } else if (tid < 16 + 16 * HC) {
       const int h = (tid - 16) / 16, c = (tid - 16) % 16;
-      f_src = qmg + (size_t)h * p.Lpad + bstart * kBlockK + c * 4;
+      f_src = qmg + (size_t)h * p.LkPad + bstart * kBlockK + c * 4;
       f_dst = IT_BYTES + (1 + h) * F_BYTES + c * 16;
       f_step = kTileKeys;
     } else if (tid < 16 + 18 * HC) {
