@@ -22,6 +22,11 @@ class TemplateSet(str, Enum):
     gpt4 = "gpt4"
 
 
+class Scorer(str, Enum):
+    official = "official"
+    minference = "minference"
+
+
 ModelArg = Annotated[str, typer.Argument(help="Model: alias (smollm2-135m), HF id, local folder or .gguf file.")]
 ExpOpt = Annotated[str, typer.Option("--exp", help="Experiment name: results go to RESULTS_DIR/EXP/.")]
 MethodOpt = Annotated[Method, typer.Option(help="Prefill attention: exact dense, or SALE sparse.")]
@@ -164,6 +169,9 @@ def infinitebench(
     template: Annotated[TemplateSet, typer.Option(
         help="Official prompt set: yarn_mistral (completion prompts, as for open models) or gpt4 "
              "(instruction prompts, sent through the chat template).")] = TemplateSet.yarn_mistral,
+    scorer: Annotated[Scorer, typer.Option(
+        help="Scoring rules: official (InfiniteBench's compute_scores.py) or minference (MInference's variant, "
+             "used by the SALE paper); see docs/SCORING.md.")] = Scorer.official,
     eval_only: EvalOnlyOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -182,7 +190,7 @@ def infinitebench(
                                                   template=template.value))
             ib.run(runner, exp_dir, names, data_dir, limit, max_length, template.value)
 
-        _evaluate(ib.BENCH, names if eval_only and tasks else None, exp_dir, eval_only, generate)
+        _evaluate(ib.with_scorer(scorer.value), names if eval_only and tasks else None, exp_dir, eval_only, generate)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         raise _fail(err) from err
 

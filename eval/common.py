@@ -8,7 +8,7 @@ import re
 import statistics
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -120,12 +120,35 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
+def _every_line(path: Path) -> list[dict]:
+    """Every record of a JSONL file, as the official scorers read it: blank lines skipped, a last line without
+    a newline kept; only a last line that does not parse (cut short by an interruption) is ignored."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and (rec := _parse(path, number, line, may_be_torn=number == len(lines))) is not None:
+            records.append(rec)
+    return records
+
+
+def _parse(path: Path, number: int, line: str, may_be_torn: bool = False) -> dict | None:
+    """One JSONL record; None for a torn last line, ValueError naming the file and line for any other."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        if may_be_torn:
+            return None
+        raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+
+
 def _complete_lines(path: Path) -> list[dict]:
     """Records of a JSONL file; a last line cut short by an interruption is ignored."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    return [_parse(path, number, line) for number, line in enumerate(lines[:-1], 1) if line.strip()]
 
 
 class PredictionFile:
@@ -152,6 +175,10 @@ class PredictionFile:
                 else:
                     keyless.append(rec)
         return list(seen.values()) + keyless
+
+    def every_record(self) -> list[dict]:
+        """Every record of the main file and then its shards, repeats kept: what an official scorer counts."""
+        return [rec for file in [self.path, *self.shards()] for rec in _every_line(file)]
 
     def done(self) -> set:
         return {rec[self.key] for rec in self.records() if self.key in rec}
@@ -200,15 +227,27 @@ def check_run_config(bench_dir: Path, config: dict) -> None:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """A score together with counts (by reason) of the samples scored by a documented choice of ours."""
+
+    score: float
+    warnings: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Benchmark:
-    """Where a benchmark keeps its predictions under an experiment, and how a file of them is scored."""
+    """Where a benchmark keeps its predictions under an experiment, and how a file of them is scored.
+
+    `score_records(name, records, **score_options)` gives a float or a `Scored`; the options (e.g. the scorer)
+    and, for a `Scored` benchmark, the warnings are written into result.json beside the scores."""
 
     name: str
     names: list[str]
     filename: str
     key: str
     option: str
-    score_records: Callable[[str, list[dict]], float]
+    score_records: Callable[..., float | Scored]
+    score_options: dict[str, Any] = field(default_factory=dict)
 
     def predictions(self, exp_dir: Path, name: str) -> PredictionFile:
         return PredictionFile(exp_dir / self.name / self.filename.format(name), self.key)
@@ -228,14 +267,22 @@ class Benchmark:
         if not names:
             raise FileNotFoundError(f"--exp: no {self.name} predictions under {exp_dir / self.name}")
         result: dict[str, float] = {}
+        warnings: dict[str, dict[str, int]] | None = None
         for name in names:
-            records = self.predictions(exp_dir, name).records()
+            records = self.predictions(exp_dir, name).every_record()
             if not records:
                 raise FileNotFoundError(f"{self.option}: no predictions for {name} in {exp_dir / self.name}")
-            result[name] = self.score_records(name, records)
+            value = self.score_records(name, records, **self.score_options)
+            if isinstance(value, Scored):
+                warnings = {} if warnings is None else warnings
+                if value.warnings:
+                    warnings[name] = value.warnings
+                value = value.score
+            result[name] = value
         result["average"] = round(sum(result.values()) / len(result), 2)
         if write:
-            atomic_write_json(exp_dir / self.name / "result.json", result)
+            extra = {**self.score_options, **({} if warnings is None else {"warnings": warnings})}
+            atomic_write_json(exp_dir / self.name / "result.json", {**result, **extra})
         return result
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections import Counter
 from pathlib import Path
 
 from sale_cli.eval.common import (
     Benchmark,
     Prepared,
+    Scored,
     encode_final,
     generate_all,
     load_data,
     load_spec,
     prompt_budget,
 )
-from sale_cli.eval.metrics_infinitebench import ground_truth, official_fields, score_task
+from sale_cli.eval.metrics_infinitebench import SCORERS, ground_truth, official_fields, score_task
 
 _SPEC = load_spec("infinitebench.json")
 MAX_NEW_TOKENS: dict[str, int] = _SPEC["max_new_tokens"]
@@ -92,8 +95,25 @@ def run(runner, exp_dir: Path, tasks: list[str], data_dir: Path, limit: int | No
                      f"infinitebench/{task}")
 
 
-def _score_records(task: str, records: list[dict]) -> float:
-    return score_task(task, *official_fields(records))
+REPEATED_ID = "id seen before: every line counted, as the official script does"
 
 
-BENCH = Benchmark("infinitebench", ALL_TASKS, "preds_{}.jsonl", KEY, "--tasks", _score_records)
+def _score_records(task: str, records: list[dict], scorer: str = "official") -> Scored:
+    """Score every record (repeats too: the official denominator is the number of lines) with `scorer`."""
+    score, warnings = score_task(task, *official_fields(records), scorer=scorer)
+    ids = Counter(rec[KEY] for rec in records if KEY in rec)
+    repeats = sum(n - 1 for n in ids.values())
+    if repeats:
+        warnings[REPEATED_ID] = repeats
+    return Scored(score, warnings)
+
+
+BENCH = Benchmark("infinitebench", ALL_TASKS, "preds_{}.jsonl", KEY, "--tasks", _score_records,
+                  {"scorer": "official"})
+
+
+def with_scorer(scorer: str) -> Benchmark:
+    """The benchmark scored by `scorer` ('official' or 'minference'), which result.json then records."""
+    if scorer not in SCORERS:
+        raise ValueError(f"--scorer: unknown {scorer!r}; choose from {', '.join(SCORERS)}")
+    return dataclasses.replace(BENCH, score_options={"scorer": scorer})

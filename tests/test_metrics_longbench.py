@@ -122,3 +122,51 @@ def test_score_dataset_errors_name_the_argument():
         M.score_dataset("nope", ["x"], [["x"]], None)
     with pytest.raises(ValueError, match="predictions"):
         M.score_dataset("trec", [], [], TREC_CLASSES)
+
+
+def test_dataset_table_and_first_line_set_are_the_official_ones():
+    # LongBench/eval.py dataset2metric, read from the official file
+    qa = {"narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa"}
+    expected = {**dict.fromkeys(qa, M.qa_f1_score), "multifieldqa_zh": M.qa_f1_zh_score,
+                "dureader": M.rouge_zh_score, "vcsum": M.rouge_zh_score,
+                **dict.fromkeys(["gov_report", "qmsum", "multi_news", "samsum"], M.rouge_score),
+                "trec": M.classification_score, "lsht": M.classification_score,
+                "passage_retrieval_en": M.retrieval_score, "passage_retrieval_zh": M.retrieval_zh_score,
+                "passage_count": M.count_score, "lcc": M.code_sim_score, "repobench-p": M.code_sim_score}
+    assert M.DATASET2METRIC == expected
+    assert M.FIRST_LINE_DATASETS == {"trec", "triviaqa", "samsum", "lsht"}
+
+
+def test_normalize_removes_punctuation_before_articles():
+    # official order: lower, punctuation, articles, whitespace: "a-team" -> "ateam" keeps its "a"
+    assert M.normalize_answer("A-team") == "ateam"
+    assert M.qa_f1_score("A-team", "ateam") == 1.0
+
+
+def test_first_line_rule_for_samsum_and_lsht():
+    pytest.importorskip("rouge")
+    # samsum: the second line would match exactly; only "\n" is stripped before the split
+    assert M.score_sample("samsum", "\n\nx y\na b", ["a b"], None) == 0.0
+    assert M.score_sample("samsum", "\n\na b\nx y", ["a b"], None) == pytest.approx(1.0, abs=1e-6)
+    assert M.score_sample("lsht", "财经\n体育", ["体育"], ["体育", "财经"]) == 0.0
+
+
+def test_retrieval_without_paragraph_in_the_truth_raises_like_the_official_code():
+    # official matches[0] on an empty list: IndexError (the official data always names a paragraph)
+    with pytest.raises(IndexError):
+        M.retrieval_score("Paragraph 1", "no paragraph here")
+
+
+def test_bench_uses_last_all_classes_and_every_line(tmp_path):
+    import json
+
+    from sale_cli.eval import longbench as lb
+
+    folder = tmp_path / "longbench"
+    folder.mkdir()
+    # official eval.py keeps the last record's all_classes and scores every line (no de-duplication by _id)
+    rows = [{"pred": "Animal", "answers": ["Animal"], "all_classes": ["Color"], "length": 1, "_id": "a"},
+            {"pred": "Animal", "answers": ["Animal"], "all_classes": TREC_CLASSES, "length": 1, "_id": "a"},
+            {"pred": "City", "answers": ["Animal"], "all_classes": TREC_CLASSES, "length": 1, "_id": "b"}]
+    (folder / "trec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert lb.BENCH.score(tmp_path, ["trec"], write=False) == {"trec": 66.67, "average": 66.67}
