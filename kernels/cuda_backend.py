@@ -282,7 +282,8 @@ def _on_q_device(fn):
 def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
                         quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
                         stop_after: str | None = None):
-    """SALE attention with the CUDA kernels, on q's GPU.
+    """SALE attention with the CUDA kernels, on q's GPU: q [B, Hq, Lq, d], k and v [B, Hkv, Lk, d], 1 <= Lq <= Lk
+    (Lq < Lk: the queries are the last Lq positions, a chunk of a chunked prefill).
 
     Returns (out, lse or None, block_map or None, density [B, Hq] fp32, timings dict or None); timings (ms per
     stage: "quant", "select", "compute", from CUDA events) only when ``timing`` is True. ``compute``: "cuda",
