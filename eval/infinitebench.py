@@ -35,9 +35,12 @@ def load_samples(task: str, data_dir: Path, limit: int | None = None) -> list[di
 
         hf_hub_download(HUB_REPO, f"{task}.jsonl", repo_type="dataset", local_dir=data_dir)
 
+    required = [KEY, "context", "input", "answer"]
+    if task in ("code_debug", "longbook_choice_eng"):  # their labels are looked up among the options
+        required.append("options")
     return load_data(data_dir / f"{task}.jsonl", download,
                      f"Download {task}.jsonl from https://huggingface.co/datasets/{HUB_REPO} into {data_dir}/, "
-                     "or pass --data-dir.", limit)
+                     "or pass --data-dir.", limit, required=required)
 
 
 def build_prompt(sample: dict, task: str, template_set: str) -> str:

@@ -9,3 +9,7 @@ class UserError(Exception):
     Library code may raise ValueError instead; the CLI layer prints either without a traceback unless --debug
     (or SALE_DEBUG=1) is set.
     """
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model that cannot be loaded (unknown hub id, hub unreachable, broken checkpoint, bad GGUF)."""
