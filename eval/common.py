@@ -163,8 +163,8 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        cut = " (the file is cut short)" if exc.pos >= len(text.rstrip()) else ""
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON{cut}: {exc.msg} at column {exc.colno}") from exc
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "was it cut short or edited?") from exc
 
 
 def read_jsonl(path: Path, required: Sequence[str] = (), torn_tail: bool = False) -> list[dict]:

@@ -318,7 +318,7 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
             loaded = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=ATTN_NAME,
                 device_map=device_map if device_map else None, **extra)
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # ImportError: GGUF without gguf
         if isinstance(exc, OSError) and not Path(source).exists():  # a hub id
             raise ModelLoadError(
                 f"could not load model {model!r}: it is neither a local directory nor in the Hugging Face cache, "
