@@ -206,10 +206,12 @@ def test_corrupt_thresholds_and_partial_files(tiny, tmp_path):
 
 @pytest.mark.parametrize("exp", ["../x", "/tmp/abs", "", ".", "..", "a/b"])
 def test_exp_must_be_a_plain_name(exp, tmp_path):
-    assert_user_error(sale("longbench", "--exp", exp, "--results-dir", tmp_path / "r", "--eval-only"), "--exp")
-    assert_user_error(sale("infinitebench", "--exp", exp, "--results-dir", tmp_path / "r", "--eval-only"), "--exp")
+    named = ("--exp", "is not an experiment name")
+    assert_user_error(sale("longbench", "--exp", exp, "--results-dir", tmp_path / "r", "--eval-only"), *named)
+    assert_user_error(sale("infinitebench", "--exp", exp, "--results-dir", tmp_path / "r", "--eval-only"), *named)
     assert_user_error(sale("summarize", "--exp", f"ok,{exp}" if exp else "..", "--results-dir", tmp_path / "r"),
-                      "--exp")
+                      *named)
+    assert_user_error(sale("latency", "--exp", exp, "--results-dir", tmp_path / "r", "--methods", "dense"), *named)
     assert not (tmp_path / "x").exists() and not (tmp_path / "r").exists()
 
 
