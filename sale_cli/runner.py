@@ -416,7 +416,12 @@ class Runner:
                 if self.adopt_file_options and path.is_file():
                     _, meta = thresholds_io.load(path)
                     if "block_q" in meta:
-                        self.options = self.state.options = SaleOptions.from_metadata(meta, self.options.backend)
+                        try:
+                            opts = SaleOptions.from_metadata(meta, self.options.backend)
+                        except (KeyError, ValueError) as exc:
+                            raise ValueError(f"{path}: unreadable op options in its metadata ({exc}); "
+                                             "recreate it with `sale calibrate`") from exc
+                        self.options = self.state.options = opts
                 tau, _ = thresholds_io.load(path, num_layers=self.num_layers, num_heads=self.num_heads,
                                             options=self.options, model=self.model_name)
                 self.thresholds_path = path
