@@ -163,7 +163,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
                         "was it cut short or edited?") from exc
 
 
@@ -187,7 +187,7 @@ def read_jsonl(path: Path, required: Sequence[str] = (), torn_tail: bool = False
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON: {exc.msg} at column {exc.colno}") from exc
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object {{...}}, got {type(record).__name__}")
             missing = [k for k in required if k not in record]
