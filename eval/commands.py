@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from sale_cli.errors import UserError
+from sale_cli.errors import UserError, debug_enabled
 from sale_cli.eval.common import (
     Benchmark,
     barrier,
@@ -53,6 +53,8 @@ DeviceMapOpt = Annotated[str | None, typer.Option(
 
 
 def _fail(err: Exception) -> typer.Exit:
+    if debug_enabled():
+        raise err
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
 

@@ -231,7 +231,7 @@ def run_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError:  # held by another process
+        except BlockingIOError:  # held by another process
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             fd = None

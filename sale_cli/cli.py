@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,9 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from sale_cli.errors import UserError
-
-_debug = {"on": False}  # set by --debug for the current invocation
+from sale_cli.errors import UserError, debug_enabled, set_debug
 
 
 def user_error_message(exc: BaseException) -> str | None:
@@ -40,12 +37,12 @@ class SaleGroup(TyperGroup):
     """
 
     def main(self, *args, **kwargs):
-        _debug["on"] = os.environ.get("SALE_DEBUG", "") not in ("", "0")
+        set_debug(False)
         try:
             return super().main(*args, **kwargs)
         except Exception as exc:
             message = user_error_message(exc)
-            if message is None or _debug["on"]:
+            if message is None or debug_enabled():
                 raise
             typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             sys.exit(1)
@@ -65,8 +62,7 @@ console = Console()
 def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error (or set SALE_DEBUG=1).")] = False,
 ):
-    if debug:
-        _debug["on"] = True
+    set_debug(debug)
 
 
 def main() -> None:

@@ -68,6 +68,13 @@ def test_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     for result in (sale("--debug", "calibrate", f"{missing}/", "--out", tmp_path / "t.safetensors"),
                    sale("calibrate", f"{missing}/", "--out", tmp_path / "t.safetensors", env={"SALE_DEBUG": "1"})):
         assert result.exit_code == 1 and isinstance(result.exception, ValueError), result.output
+    # the benchmark commands' own error lines honour --debug too
+    from sale_cli.errors import UserError
+
+    args = ["longbench", "--exp", "../x", "--eval-only", "--results-dir", tmp_path]
+    assert_user_error(sale(*args), "--exp")
+    result = sale("--debug", *args)
+    assert result.exit_code == 1 and isinstance(result.exception, UserError), result.output
 
 
 def test_console_script_prints_one_line(tmp_path):
