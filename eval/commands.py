@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from sale_cli.eval.common import Benchmark, barrier, check_run_config, finish_ranks, parse_names, rank_world
+from sale_cli.errors import UserError, debug_enabled
+from sale_cli.eval.common import (
+    Benchmark,
+    barrier,
+    check_run_config,
+    experiment_dir,
+    finish_ranks,
+    parse_names,
+    rank_world,
+    run_lock,
+)
 
 
 class Method(str, Enum):
@@ -47,6 +58,8 @@ DeviceMapOpt = Annotated[str | None, typer.Option(
 
 
 def _fail(err: Exception) -> typer.Exit:
+    if debug_enabled():
+        raise err
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=1)
 
@@ -55,13 +68,16 @@ def _evaluate(bench: Benchmark, names: list[str] | None, exp_dir: Path, eval_onl
     """Generate (unless eval-only) on every rank; then rank 0 merges the rank files, scores and shows the result.
 
     `names` limits the scoring (None: everything with predictions)."""
+    bench_dir = exp_dir / bench.name
     try:
-        if not eval_only:
-            generate()
-            barrier()
-        if rank_world()[0] == 0:
-            bench.consolidate(exp_dir)
-            _score_and_show(bench, exp_dir, names, eval_only)
+        # one run per experiment and benchmark at a time (rescoring a missing folder needs no lock)
+        with run_lock(bench_dir) if not eval_only or bench_dir.is_dir() else nullcontext():
+            if not eval_only:
+                generate()
+                barrier()
+            if rank_world()[0] == 0:
+                bench.consolidate(exp_dir)
+                _score_and_show(bench, exp_dir, names, eval_only)
     finally:
         finish_ranks()
 
@@ -140,7 +156,7 @@ def longbench(
 
     try:
         names = parse_names(datasets, lb.ALL_DATASETS, lb.PAPER_DATASETS, "--datasets")
-        exp_dir = results_dir / exp
+        exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
             runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
@@ -148,7 +164,7 @@ def longbench(
             lb.run(runner, exp_dir, names, data_dir, limit, max_length)
 
         _evaluate(lb.BENCH, names if eval_only and datasets else None, exp_dir, eval_only, generate)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         raise _fail(err) from err
 
 
@@ -182,7 +198,7 @@ def infinitebench(
 
     try:
         names = parse_names(tasks, ib.ALL_TASKS, ib.PAPER_TASKS, "--tasks")
-        exp_dir = results_dir / exp
+        exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
             runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
@@ -191,7 +207,7 @@ def infinitebench(
             ib.run(runner, exp_dir, names, data_dir, limit, max_length, template.value)
 
         _evaluate(ib.with_scorer(scorer.value), names if eval_only and tasks else None, exp_dir, eval_only, generate)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         raise _fail(err) from err
 
 
@@ -205,6 +221,8 @@ def summarize(
 
     try:
         names = [n.strip() for v in exp or [] for n in v.split(",") if n.strip()] or None
+        for name in names or []:
+            experiment_dir(results_dir, name)
         summary.summarize(results_dir, names)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         raise _fail(err) from err

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import statistics
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from sale_cli.errors import UserError
 
 
 def load_spec(name: str) -> dict:
@@ -101,11 +105,18 @@ def finish_ranks() -> None:
         dist.destroy_process_group()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename, so readers never see half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -120,35 +131,134 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def _every_line(path: Path) -> list[dict]:
-    """Every record of a JSONL file, as the official scorers read it: blank lines skipped, a last line without
-    a newline kept; only a last line that does not parse (cut short by an interruption) is ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Fail before any work when files cannot be created in `folder` (made later if missing)."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:  # the folders still to be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option}: cannot create {folder}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option}: cannot write to {existing} ({exc.strerror or exc}); choose another place") from exc
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work when the file `path` cannot be written."""
+    if Path(path).is_dir():
+        raise UserError(f"{option}: {path} is a folder; give a file path")
+    check_writable_dir(Path(path).parent, option)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; UserError naming the file and line when it is not UTF-8 JSON (a UTF-8 BOM is fine)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text; save it as UTF-8") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                        "was it cut short or edited?") from exc
+
+
+def read_jsonl(path: Path, required: Sequence[str] = (), torn_tail: bool = False) -> list[dict]:
+    """The records of a JSONL file: one JSON object a line, UTF-8 (a leading BOM is fine).
+
+    UserError naming the file and line for a line that is not UTF-8, not JSON, not an object or lacks a
+    `required` field. With `torn_tail`, a last line without its newline (a write cut short) is ignored.
+    """
     records = []
-    for number, line in enumerate(lines, 1):
-        if line.strip() and (rec := _parse(path, number, line, may_be_torn=number == len(lines))) is not None:
-            records.append(rec)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if torn_tail and not raw.endswith(b"\n"):
+                break
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8") from exc
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object {{...}}, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                raise UserError(f"{path}:{number}: the record lacks {', '.join(repr(k) for k in missing)} "
+                                "(every record of the official files has it)")
+            records.append(record)
     return records
 
 
-def _parse(path: Path, number: int, line: str, may_be_torn: bool = False) -> dict | None:
-    """One JSONL record; None for a torn last line, ValueError naming the file and line for any other."""
+def _every_line(path: Path) -> list[dict]:
+    """Every record of a JSONL file, as the official scorers read it: blank lines skipped, a last line without
+    a newline kept when it parses; only a last line that does not (cut short by an interruption) is ignored."""
+    if not path.exists():
+        return []
     try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        if may_be_torn:
-            return None
-        raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+        return read_jsonl(path)
+    except UserError:
+        return read_jsonl(path, torn_tail=True)  # drops a torn last line; any other bad line raises again
 
 
 def _complete_lines(path: Path) -> list[dict]:
     """Records of a JSONL file; a last line cut short by an interruption is ignored."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    return [_parse(path, number, line) for number, line in enumerate(lines[:-1], 1) if line.strip()]
+    return read_jsonl(path, torn_tail=True)
+
+
+def experiment_dir(results_dir: Path, exp: str, option: str = "--exp") -> Path:
+    """RESULTS_DIR/EXP, for an experiment name that is one plain folder name (nothing outside RESULTS_DIR)."""
+    if not exp.strip() or exp in (".", "..") or "/" in exp or "\\" in exp or os.path.isabs(exp):
+        raise UserError(f"{option}: {exp!r} is not an experiment name; use a plain folder name such as "
+                        f"'dense-8b' (results go to {results_dir}/<name>/)")
+    return results_dir / exp
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for one run, so that a second run on it is refused.
+
+    An OS lock (flock) on `folder/.lock`: the OS drops it when the holder ends, even when killed. Under torchrun
+    rank 0 takes it for the whole run and tells the other ranks whether it got it.
+    """
+    import fcntl
+
+    rank, world = rank_world()
+    fd, holder = None, None
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BlockingIOError:  # held by another process
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            fd = None
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [holder]
+        dist.broadcast_object_list(shared, src=0)
+        holder = shared[0]
+    if holder is not None:
+        raise UserError(f"{folder} is in use by another run ({holder}); wait for it to end, or use another --exp")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 class PredictionFile:
@@ -212,13 +322,26 @@ class PredictionFile:
             shard.unlink()
 
 
+def _has_predictions(bench_dir: Path) -> bool:
+    """Whether any prediction file in `bench_dir` holds a complete record."""
+    for file in bench_dir.glob("*.jsonl"):
+        with open(file, "rb") as f:
+            if f.readline().endswith(b"\n"):
+                return True
+    return False
+
+
 def check_run_config(bench_dir: Path, config: dict) -> None:
     """Record what produced the predictions in `bench_dir`; refuse to mix them with another configuration."""
     path = bench_dir / "run.json"
     if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_json(path)
+        old = old if isinstance(old, dict) else {}
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if diff:
+        if diff and not _has_predictions(bench_dir):  # a run that failed before its first prediction
+            if rank_world()[0] == 0:
+                atomic_write_json(path, config)
+        elif diff:
             detail = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(f"--exp: {bench_dir} holds predictions of another configuration ({detail}); "
                              "use a new --exp name or remove that folder")
@@ -232,6 +355,9 @@ class Scored:
 
     score: float
     warnings: dict[str, int]
+
+
+RESULT_METADATA = ("scorer", "warnings")  # result.json entries that are not scores
 
 
 @dataclass(frozen=True)
@@ -260,6 +386,19 @@ class Benchmark:
     def available(self, exp_dir: Path) -> list[str]:
         """Names with predictions in `exp_dir`, in the official order."""
         return [n for n in self.names if self.predictions(exp_dir, n).records()]
+
+    def read_result(self, exp_dir: Path) -> dict[str, float]:
+        """The scores in `<name>/result.json`; UserError naming the file when it is not one this tool writes."""
+        path = exp_dir / self.name / "result.json"
+        data = read_json(path)
+        known = {*self.names, "average"}
+        if isinstance(data, dict):  # what score() records beside the scores (the scorer, its warnings)
+            data = {k: v for k, v in data.items() if k not in RESULT_METADATA}
+        if not (isinstance(data, dict) and "average" in data and all(
+                k in known and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in data.items())):
+            raise UserError(f"{path}: not a {self.name} result ({{name: score, ..., 'average': score}} with names "
+                            f"from {self.option}); rescore with `sale {self.name} --exp {exp_dir.name} --eval-only`")
+        return data
 
     def score(self, exp_dir: Path, names: list[str] | None = None, write: bool = True) -> dict[str, float]:
         """Official score of each name's predictions plus their `average`, written to `<name>/result.json`."""
@@ -340,8 +479,11 @@ def encode_final(runner, prompt: str, chat: bool) -> list[int]:
     return runner.tokenizer(prompt).input_ids
 
 
-def load_data(path: Path, download: Callable[[], None], explain: str, limit: int | None) -> list[dict]:
-    """The records of an official JSONL data file (the first `limit`), downloaded from the hub if missing."""
+def load_data(path: Path, download: Callable[[], None], explain: str, limit: int | None,
+              required: Sequence[str] = ()) -> list[dict]:
+    """The records of an official JSONL data file (the first `limit`), downloaded from the hub if missing.
+
+    Every record must have the `required` fields."""
     if not path.exists():
         try:
             download()
@@ -350,8 +492,9 @@ def load_data(path: Path, download: Callable[[], None], explain: str, limit: int
                                     f"({type(err).__name__}: {err}). {explain}") from err
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing after the download. {explain}")
-    with open(path, encoding="utf-8") as f:
-        samples = [json.loads(line) for line in f if line.strip()]
+    samples = read_jsonl(path, required)
+    if not samples:
+        raise UserError(f"{path} is empty: it holds no records (one JSON object a line). {explain}")
     return samples[:limit] if limit else samples
 
 

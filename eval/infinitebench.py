@@ -38,9 +38,12 @@ def load_samples(task: str, data_dir: Path, limit: int | None = None) -> list[di
 
         hf_hub_download(HUB_REPO, f"{task}.jsonl", repo_type="dataset", local_dir=data_dir)
 
+    required = [KEY, "context", "input", "answer"]
+    if task in ("code_debug", "longbook_choice_eng"):  # their labels are looked up among the options
+        required.append("options")
     return load_data(data_dir / f"{task}.jsonl", download,
                      f"Download {task}.jsonl from https://huggingface.co/datasets/{HUB_REPO} into {data_dir}/, "
-                     "or pass --data-dir.", limit)
+                     "or pass --data-dir.", limit, required=required)
 
 
 def build_prompt(sample: dict, task: str, template_set: str) -> str:
@@ -48,7 +51,10 @@ def build_prompt(sample: dict, task: str, template_set: str) -> str:
     template = TEMPLATES[template_set][task]
     options = dict(zip(["OPTION_A", "OPTION_B", "OPTION_C", "OPTION_D"], sample.get("options") or [], strict=False))
     if task == "code_run":
-        func_call = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", sample["input"])[0]
+        calls = re.findall(r"func_[0-9]+\(\-?[0-9]+\)", sample["input"])
+        if not calls:
+            raise ValueError(f"code_run sample {sample.get(KEY)}: no 'func_N(x)' call in its input {sample['input']!r}")
+        func_call = calls[0]
         return template.format(func=func_call.split("(")[0], func_call=func_call, context=sample["context"])
     if task == "code_debug":
         return template.format(context=sample["context"], **options)

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from sale_cli import demo_model
 from sale_cli.eval import niah
-from sale_cli.eval.common import atomic_write_json, split_values
+from sale_cli.eval.common import atomic_write_json, experiment_dir, split_values
 
 METHODS = ("dense", "sale")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -114,6 +114,8 @@ def latency(
     density and quantization/selection overhead where the kernel tells it.
     Writes RESULTS_DIR/EXP/latency.json.
     """
+    if exp is not None:
+        experiment_dir(results_dir, exp)  # a plain folder name under --results-dir
     method_list = split_values(methods, str, "--methods") or list(METHODS)
     unknown = [m for m in method_list if m not in METHODS]
     if unknown or len(set(method_list)) != len(method_list):

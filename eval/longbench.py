@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 import zipfile
 from pathlib import Path
 
@@ -46,7 +47,14 @@ def load_samples(dataset: str, data_dir: Path, limit: int | None = None) -> list
     """The official `<dataset>.jsonl` records (first `limit` of them), downloading the set if missing."""
     return load_data(data_dir / f"{dataset}.jsonl", lambda: _download(data_dir),
                      f"Download data.zip from https://huggingface.co/datasets/{HUB_REPO} and extract its "
-                     f"data/*.jsonl files (e.g. {dataset}.jsonl) into {data_dir}/, or pass --data-dir.", limit)
+                     f"data/*.jsonl files (e.g. {dataset}.jsonl) into {data_dir}/, or pass --data-dir.", limit,
+                     required=fields(dataset))
+
+
+def fields(dataset: str) -> list[str]:
+    """The fields a record of `dataset` needs: those of its prompt template and those kept in its predictions."""
+    in_prompt = [name for _, name, _, _ in string.Formatter().parse(PROMPTS[dataset]) if name]
+    return list(dict.fromkeys([*in_prompt, "answers", "all_classes", "length", KEY]))
 
 
 def prepare(runner, sample: dict, dataset: str, budget: int) -> Prepared:

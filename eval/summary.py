@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 from sale_cli.eval import infinitebench, longbench
@@ -19,7 +18,7 @@ def _scores(bench: Benchmark, exp_dir: Path) -> dict[str, float]:
     result = exp_dir / bench.name / "result.json"
     files = list((exp_dir / bench.name).glob("*.jsonl"))
     if result.exists() and all(f.stat().st_mtime <= result.stat().st_mtime for f in files):
-        return json.loads(result.read_text(encoding="utf-8"))
+        return bench.read_result(exp_dir)
     return bench.score(exp_dir, write=False)
 
 

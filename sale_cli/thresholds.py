@@ -37,20 +37,23 @@ def save(path: str | os.PathLike, thresholds: torch.Tensor, *, model: str, theta
 def load(path: str | os.PathLike, *, num_layers: int | None = None, num_heads: int | None = None,
          options: SaleOptions | None = None, model: str | None = None) -> tuple[torch.Tensor, dict[str, str]]:
     """Read (thresholds, metadata); raise ValueError when the file does not fit the model or the run's options."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"thresholds file {path} does not exist; create it with `sale calibrate MODEL --theta X`")
-    with safe_open(str(path), framework="pt") as f:
-        if "thresholds" not in f.keys():
-            raise ValueError(f"{path} holds no tensor named 'thresholds'")
-        tau = f.get_tensor("thresholds")
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "thresholds" not in f.keys():
+                raise ValueError(f"{path} holds no tensor named 'thresholds'")
+            tau = f.get_tensor("thresholds")
+            meta = f.metadata() or {}
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable .safetensors file ({exc}); recreate it with `sale calibrate`") from exc
     if tau.dim() != 2 or tau.dtype != torch.float32:
         raise ValueError(f"{path}: 'thresholds' must be float32 [num_layers, num_heads], got {tau.dtype} {tuple(tau.shape)}")
-    if torch.isnan(tau).any() or (tau < 0).any():
-        raise ValueError(f"{path}: thresholds must be >= 0 and not NaN")
+    if not torch.isfinite(tau).all() or (tau < 0).any():
+        raise ValueError(f"{path}: thresholds must be finite and >= 0 (found inf, NaN or a negative value)")
     expected = (num_layers, num_heads)
     if any(e is not None and e != got for e, got in zip(expected, tau.shape, strict=True)):
         raise ValueError(f"{path}: thresholds have shape {tuple(tau.shape)} but the model has "

@@ -450,7 +450,7 @@ def test_unsupported_configurations_raise():
 def captured():
     if not QKV_FILE.is_file():
         pytest.skip(f"no captured Q/K/V at {QKV_FILE}: run `python scripts/capture_qkv.py` or set SALE_QKV_FILE")
-    return torch.load(QKV_FILE, map_location="cpu")
+    return torch.load(QKV_FILE, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)

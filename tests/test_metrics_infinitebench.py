@@ -9,6 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from sale_cli.errors import UserError
 from sale_cli.eval import infinitebench as ib
 from sale_cli.eval import metrics_infinitebench as M
 
@@ -258,7 +259,7 @@ def test_bench_scores_every_line_like_the_official_script(tmp_path):
     (folder / "preds_passkey.jsonl").write_text(json.dumps(lines[0]) + "\n" + '{"id": 1, "pr')
     assert ib.BENCH.score(tmp_path, write=False)["passkey"] == 100.0
     (folder / "preds_passkey.jsonl").write_text('{"id": 1, "pr\n' + json.dumps(lines[0]) + "\n")
-    with pytest.raises(ValueError, match=r"preds_passkey\.jsonl:1"):
+    with pytest.raises(UserError, match=r"preds_passkey\.jsonl:1"):
         ib.BENCH.score(tmp_path, write=False)
 
 
