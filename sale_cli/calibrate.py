@@ -22,6 +22,7 @@ from sale_cli.kernels import sale_attention
 from sale_cli.runner import Runner
 
 TAU0 = 0.008
+DEFAULT_THETA = 0.4  # the paper's theta for Llama-3.1-8B; `sale calibrate` and `sale latency` default to it
 FLOOR = 1e-4
 PAPER_SAMPLES, PAPER_TOKENS = 5, 120_000
 DEMO_SAMPLES, DEMO_TOKENS = 2, 2048
