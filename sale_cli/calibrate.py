@@ -1,4 +1,4 @@
-"""Per-head threshold calibration (shared/spec/SALE.md section 7).
+"""Per-head threshold calibration (docs/SPEC.md, section 10).
 
 One dense forward per sample; at every layer the hook compares each head's SALE output with the dense one
 (the dense output goes on to the next layer, so errors do not compound) and halves tau while the error is
