@@ -197,13 +197,15 @@ def summarize(
         "--exp", help="Experiments to compare, repeated or comma-separated. Default: all under RESULTS_DIR.")] = None,
     results_dir: ResultsOpt = Path("results"),
 ) -> None:
-    """Compare the experiments under RESULTS_DIR, one table per kind of result.
+    """Compare the experiments under RESULTS_DIR, one table per kind of result (all of them in summary.md).
 
-    LongBench/InfiniteBench: scores, attention time and density per experiment (also summary.csv and
-    summary.png). Latency (`sale latency`'s latency.json): per length, dense and SALE attention ms, speedup and
-    density (also summary_latency.csv). Demo (`sale demo`'s demo/passkey.json): accuracy, density and time per
-    method. All tables go to summary.md. Folders or files it cannot use (a failed run, an unreadable
-    result.json) are skipped with a one-line note.
+    LongBench/InfiniteBench: scores, attention time and density per experiment (also summary.csv, summary.png).
+
+    Latency (latency.json of `sale latency`): per length, dense and SALE attention ms, speedup, SALE density (also summary_latency.csv).
+
+    Demo (demo/passkey.json of `sale demo`): accuracy, density and time per method.
+
+    Folders or files it cannot use (a failed run, an unreadable result.json) are skipped with a one-line note.
     """
     from sale_cli.eval import summary
 

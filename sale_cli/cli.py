@@ -118,8 +118,9 @@ def demo(
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
     device: Annotated[str, typer.Option(help="Device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N.")] = "auto",
 ):
-    """The main job on the embedded demo model (a GPU when there is one, else the CPU): fetch, calibrate, then
-    passkey retrieval with dense and SALE attention, printed as one table (backend, accuracy, density, time)."""
+    """The main job on the demo model: fetch, calibrate, then passkey retrieval with dense vs SALE attention.
+
+    Runs on a GPU when there is one (SALE then uses the CUDA kernel), else on the CPU; one table shows the device, each method's backend, accuracy, density and time."""
     from sale_cli.demo import run_demo
 
     run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console, device=device)
