@@ -83,7 +83,7 @@ def run_demo(theta: float, prompts: int, results_dir: Path, console: Console, de
         runner = load_runner(demo_model.ALIAS, device=device)
     place = where(runner)
     backends = {"dense": runner.dense_backend,
-                "sale": "CUDA kernel" if runner.sale_backend == "cuda" else "PyTorch reference"}
+                "sale": "CUDA kernel" if runner.sale_backend == "cuda" else "reference"}
     console.print(f"Running on {place}: dense attention {backends['dense']}, SALE {backends['sale']}")
     path = thresholds.default_path(results_dir, runner.model_name, theta)
     if path.is_file():

@@ -143,8 +143,8 @@ def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_model, tmp_pat
     payload = json.loads((tmp_path / "demo" / "passkey.json").read_text())
     assert payload["device"].endswith("(cuda:0)") if torch.cuda.is_available() else payload["device"] == "CPU"
     if not torch.cuda.is_available():
-        assert payload["sale_backend"] == "PyTorch reference" and payload["dense_backend"] == "sdpa:cpu"
-        assert "PyTorch reference" in shown and "sdpa:cpu" in shown and "not speed" in shown
+        assert payload["sale_backend"] == "reference" and payload["dense_backend"] == "sdpa:cpu"
+        assert "SALE reference" in shown and "sdpa:cpu" in shown and "not speed" in shown
     lines = [line for line in shown.splitlines() if "prompt 0:" in line]
     assert len(lines) == 2 and all(re.search(r"(ok|MISS) '", line) for line in lines)
 
