@@ -22,9 +22,9 @@ BENCHES: list[Benchmark] = [longbench.BENCH, infinitebench.BENCH]
 ATTN_ROW, DENSITY_ROW = "attention ms (mean)", "density (mean)"
 LATENCY_FILE = "latency.json"
 DEMO_FILE = "passkey.json"
-LATENCY_HEADER = ["experiment", "device", "length", "dense attn ms", "SALE attn ms", "attn speedup",
-                  "prefill speedup", "SALE density"]
-DEMO_HEADER = ["experiment", "device", "method", "backend", "accuracy", "density", "prefill s", "attention s"]
+# Attention time (what SALE changes) per method; speedup = dense / SALE attention time.
+LATENCY_HEADER = ["experiment", "device", "length", "dense ms", "SALE ms", "speedup", "density"]
+DEMO_HEADER = ["experiment", "method", "backend", "accuracy", "density", "prefill s", "attn s"]
 # The errors a damaged or foreign file raises while read or scored (json's errors are ValueErrors).
 _UNUSABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, ModuleNotFoundError)
 
@@ -36,6 +36,7 @@ class Collected:
     benches: dict[str, dict[str, dict]] = field(default_factory=dict)  # {exp: {bench: {scores, attn_ms, density}}}
     latency: list[list[str]] = field(default_factory=list)  # LATENCY_HEADER rows
     demo: list[list[str]] = field(default_factory=list)  # DEMO_HEADER rows
+    demo_devices: dict[str, str] = field(default_factory=dict)  # {exp: where the demo ran}
     skipped: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
@@ -115,8 +116,7 @@ def latency_rows(exp: str, payload: Any) -> list[list[str]]:
     for length, methods in sorted(by_length.items()):
         dense, sale = methods.get("dense", {}), methods.get("sale", {})
         rows.append([exp, device, str(length), _num(dense.get("attn_ms"), ".1f"), _num(sale.get("attn_ms"), ".1f"),
-                     _num(sale.get("attn_speedup"), ".2f"), _num(sale.get("prefill_speedup"), ".2f"),
-                     _num(sale.get("density"), ".3f")])
+                     _num(sale.get("attn_speedup"), ".2f"), _num(sale.get("density"), ".3f")])
     if not rows:
         raise ValueError("no records")
     return rows
@@ -129,7 +129,7 @@ def demo_rows(exp: str, payload: Any) -> list[list[str]]:
     for method in dict.fromkeys(str(r["method"]) for r in records):
         mine = [r for r in records if r["method"] == method]
         backend = payload.get("dense_backend" if method == "dense" else "sale_backend", "")
-        rows.append([exp, str(payload.get("device", "")), method, str(backend or ""),
+        rows.append([exp, method, str(backend or ""),
                      f"{sum(bool(r['correct']) for r in mine)}/{len(mine)}",
                      _num(mean_or_none([r.get("density") for r in mine]), ".3f"),
                      _num(mean_or_none([r["prefill_ms"] / 1000 for r in mine]), ".2f"),
@@ -170,7 +170,10 @@ def collect(results_dir: Path, exps: list[str] | None) -> Collected:
         if (exp_dir / LATENCY_FILE).is_file():
             found.latency += _file_rows(exp_dir / LATENCY_FILE, exp, latency_rows, found.skipped)
         if (exp_dir / DEMO_FILE).is_file():
-            found.demo += _file_rows(exp_dir / DEMO_FILE, exp, demo_rows, found.skipped)
+            demo = _file_rows(exp_dir / DEMO_FILE, exp, demo_rows, found.skipped)
+            if demo:
+                found.demo += demo
+                found.demo_devices[exp] = str(_read_json(exp_dir / DEMO_FILE).get("device") or "?")
     return found
 
 
@@ -248,8 +251,8 @@ def summarize(results_dir: Path, exps: list[str] | None = None) -> list[list[str
 
     def show(title: str, header: list[str], body: list[list[str]], left: int) -> None:
         table = Table(title=title)
-        for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i < left else "right", overflow="fold")
+        for i, col in enumerate(header):  # text columns may wrap, numbers stay whole
+            table.add_column(col, justify="left" if i < left else "right", overflow="fold", no_wrap=i >= left)
         for row in body:
             table.add_row(*(cell or "—" for cell in row))
         console.print(table)
@@ -266,13 +269,16 @@ def summarize(results_dir: Path, exps: list[str] | None = None) -> list[list[str
         _plot(found.benches, results_dir / "summary.png")
         written += [results_dir / "summary.csv", results_dir / "summary.png"]
     if found.latency:
-        show("Prefill latency (sale latency, medians)", LATENCY_HEADER, found.latency, 2)
+        show("Prefill latency (sale latency): attention ms, medians", LATENCY_HEADER, found.latency, 2)
         md += ([""] if md else []) + ["## Prefill latency", "", *_markdown(LATENCY_HEADER, found.latency, 2)]
         atomic_write_text(results_dir / "summary_latency.csv", _csv(LATENCY_HEADER, found.latency))
         written.append(results_dir / "summary_latency.csv")
     if found.demo:
-        show("Demo: passkey retrieval (sale demo)", DEMO_HEADER, found.demo, 4)
-        md += ([""] if md else []) + ["## Demo passkey retrieval", "", *_markdown(DEMO_HEADER, found.demo, 4)]
+        where = ", ".join(f"{e} on {d}" if len(found.demo_devices) > 1 else f"on {d}"
+                          for e, d in found.demo_devices.items())
+        show(f"Demo: passkey retrieval (sale demo) {where}", DEMO_HEADER, found.demo, 3)
+        md += ([""] if md else []) + [f"## Demo passkey retrieval {where}", "",
+                                      *_markdown(DEMO_HEADER, found.demo, 3)]
     atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
     print("wrote " + ", ".join(str(p) for p in [results_dir / "summary.md", *written]))
     return body

@@ -260,11 +260,12 @@ def test_summarize_skips_what_it_cannot_use_and_shows_latency_and_demo(tmp_path)
     md = (res / "summary.md").read_text()
     assert md.startswith("| benchmark | dataset | good | truncated |")
     assert "| longbench | hotpotqa | 50.00 | 50.00 |" in md
-    assert "| lat | cuda:0 | 8192 | 10.0 | 4.0 | 2.50 | 1.25 | 0.250 |" in md
-    assert "| demo | CPU | sale | PyTorch reference | 1/2 | 0.300 | 1.50 | 0.50 |" in md
+    assert "| lat | cuda:0 | 8192 | 10.0 | 4.0 | 2.50 | 0.250 |" in md
+    assert "## Demo passkey retrieval on CPU" in md
+    assert "| demo | sale | PyTorch reference | 1/2 | 0.300 | 1.50 | 0.50 |" in md
     latency_csv = (res / "summary_latency.csv").read_text().splitlines()
     assert latency_csv == [",".join(summary.LATENCY_HEADER),
-                           "lat,cuda:0,8192,10.0,4.0,2.50,1.25,0.250"]
+                           "lat,cuda:0,8192,10.0,4.0,2.50,0.250"]
     assert "Prefill latency" in result.output and "Demo: passkey retrieval" in result.output
 
 
