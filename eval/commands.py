@@ -44,7 +44,8 @@ MethodOpt = Annotated[Method, typer.Option(help="Prefill attention: exact dense,
 ThresholdsOpt = Annotated[Path | None, typer.Option(
     help="SALE thresholds .safetensors file (with --method sale).", exists=True, dir_okay=False)]
 ThetaOpt = Annotated[float | None, typer.Option(
-    help="Use the calibrated thresholds RESULTS_DIR/calibration/<model>/theta_<THETA> (with --method sale).")]
+    help="Use the calibrated thresholds: file theta_<THETA>.safetensors in the model's folder under "
+         "RESULTS_DIR/calibration/ (with --method sale).")]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="Only the first N samples of each dataset/task.")]
 ResultsOpt = Annotated[Path, typer.Option(help="Folder of all results.")]
 MaxLengthOpt = Annotated[int | None, typer.Option(
@@ -118,8 +119,10 @@ def _load_runner(model: str, method: Method, thresholds: Path | None, theta: flo
 
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    from sale_cli.eval.common import offline_unless_reachable
     from sale_cli.runner import load_runner
 
+    offline_unless_reachable(model)  # an unreachable hub: load from the cache or fail at once, no retries
     return load_runner(model=model, method=method.value, thresholds=str(thresholds) if thresholds else None,
                        theta=theta, results_dir=str(results_dir), dtype=dtype, device=device,
                        device_map=device_map)
@@ -159,6 +162,7 @@ def longbench(
         exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
+            lb.check_data(names, data_dir)  # before the model: a missing file fails in seconds
             runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
             check_run_config(exp_dir / lb.BENCH.name, _run_config(runner, method, thresholds, theta, max_length))
             lb.run(runner, exp_dir, names, data_dir, limit, max_length)
@@ -201,6 +205,7 @@ def infinitebench(
         exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
+            ib.check_data(names, data_dir)  # before the model: a missing file fails in seconds
             runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
             check_run_config(exp_dir / ib.BENCH.name, _run_config(runner, method, thresholds, theta, max_length,
                                                   template=template.value))
@@ -216,7 +221,16 @@ def summarize(
         "--exp", help="Experiments to compare, repeated or comma-separated. Default: all under RESULTS_DIR.")] = None,
     results_dir: ResultsOpt = Path("results"),
 ) -> None:
-    """Compare experiments: one table of scores, attention time and density (also .md, .csv) and a plot."""
+    """Compare the experiments under RESULTS_DIR, one table per kind of result (all of them in summary.md).
+
+    LongBench/InfiniteBench: scores, attention time and density per experiment (also summary.csv, summary.png).
+
+    Latency (latency.json of `sale latency`): per length, dense and SALE attention ms, speedup, SALE density (also summary_latency.csv).
+
+    Demo (demo/passkey.json of `sale demo`): accuracy, density and time per method.
+
+    Folders or files it cannot use (a failed run, an unreadable result.json) are skipped with a one-line note.
+    """
     from sale_cli.eval import summary
 
     try:

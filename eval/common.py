@@ -392,12 +392,15 @@ class Benchmark:
         path = exp_dir / self.name / "result.json"
         data = read_json(path)
         known = {*self.names, "average"}
-        if isinstance(data, dict):  # what score() records beside the scores (the scorer, its warnings)
+        if not isinstance(data, dict) or "average" not in data:
+            problem = "no 'average' score"
+        else:  # what score() records beside the scores (the scorer, its warnings) is not a score
             data = {k: v for k, v in data.items() if k not in RESULT_METADATA}
-        if not (isinstance(data, dict) and "average" in data and all(
-                k in known and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in data.items())):
-            raise UserError(f"{path}: not a {self.name} result ({{name: score, ..., 'average': score}} with names "
-                            f"from {self.option}); rescore with `sale {self.name} --exp {exp_dir.name} --eval-only`")
+            bad = [k for k, v in data.items()
+                   if k not in known or isinstance(v, bool) or not isinstance(v, (int, float))]
+            problem = f"unexpected entries {', '.join(map(repr, bad[:3]))}" if bad else ""
+        if problem:
+            raise UserError(f"{path}: {problem}; rescore with `sale {self.name} --exp {exp_dir.name} --eval-only`")
         return data
 
     def score(self, exp_dir: Path, names: list[str] | None = None, write: bool = True) -> dict[str, float]:
@@ -479,19 +482,66 @@ def encode_final(runner, prompt: str, chat: bool) -> list[int]:
     return runner.tokenizer(prompt).input_ids
 
 
+def _hub_address() -> tuple[str, int]:
+    """(host, port) a hub request connects to first: the HTTPS proxy when one is set, else HF_ENDPOINT."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+                   or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the Hugging Face hub (or the proxy); False in offline mode (HF_HUB_OFFLINE)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(_hub_address(), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_unless_reachable(model: str) -> None:
+    """When `model` would come from the hub (not a local path or the demo alias) and the hub does not answer one
+    quick probe, switch huggingface_hub to offline mode: the model then loads from the cache or fails at once
+    instead of retrying the hub."""
+    from sale_cli import demo_model
+
+    if model == demo_model.ALIAS or model.endswith(".gguf") or Path(model).expanduser().exists():
+        return
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def fetch_data(path: Path, download: Callable[[], None], explain: str) -> None:
+    """Make sure an official data file exists: download it when missing and the hub answers a quick probe;
+    otherwise FileNotFoundError saying where to put it (`explain`). Called before any model is loaded."""
+    if path.exists():
+        return
+    if not hub_reachable():
+        raise FileNotFoundError(f"{path} is missing and the Hugging Face hub ({_hub_address()[0]}) is not "
+                                f"reachable (offline?). {explain}")
+    try:
+        download()
+    except Exception as err:
+        raise FileNotFoundError(f"{path} is missing and could not be downloaded "
+                                f"({type(err).__name__}: {err}). {explain}") from err
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing after the download. {explain}")
+
+
 def load_data(path: Path, download: Callable[[], None], explain: str, limit: int | None,
               required: Sequence[str] = ()) -> list[dict]:
     """The records of an official JSONL data file (the first `limit`), downloaded from the hub if missing.
 
     Every record must have the `required` fields."""
-    if not path.exists():
-        try:
-            download()
-        except Exception as err:
-            raise FileNotFoundError(f"{path} is missing and could not be downloaded "
-                                    f"({type(err).__name__}: {err}). {explain}") from err
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing after the download. {explain}")
+    fetch_data(path, download, explain)
     samples = read_jsonl(path, required)
     if not samples:
         raise UserError(f"{path} is empty: it holds no records (one JSON object a line). {explain}")

@@ -12,6 +12,7 @@ from sale_cli.eval.common import (
     Prepared,
     Scored,
     encode_final,
+    fetch_data,
     generate_all,
     load_data,
     load_spec,
@@ -31,19 +32,29 @@ HUB_REPO = "xinrongzhang2022/InfiniteBench"
 KEY = "id"
 
 
+def _download(task: str, data_dir: Path) -> None:
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(HUB_REPO, f"{task}.jsonl", repo_type="dataset", local_dir=data_dir)
+
+
+def _where(task: str, data_dir: Path) -> str:
+    return f"Download {task}.jsonl from https://huggingface.co/datasets/{HUB_REPO} into {data_dir}/, or pass --data-dir."
+
+
+def check_data(tasks: list[str], data_dir: Path) -> None:
+    """Every task's file present (downloaded when missing and the hub answers), before a model is loaded."""
+    for task in tasks:
+        fetch_data(data_dir / f"{task}.jsonl", lambda t=task: _download(t, data_dir), _where(task, data_dir))
+
+
 def load_samples(task: str, data_dir: Path, limit: int | None = None) -> list[dict]:
     """The official `<task>.jsonl` records (first `limit` of them), downloading the file if missing."""
-    def download() -> None:
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(HUB_REPO, f"{task}.jsonl", repo_type="dataset", local_dir=data_dir)
-
     required = [KEY, "context", "input", "answer"]
     if task in ("code_debug", "longbook_choice_eng"):  # their labels are looked up among the options
         required.append("options")
-    return load_data(data_dir / f"{task}.jsonl", download,
-                     f"Download {task}.jsonl from https://huggingface.co/datasets/{HUB_REPO} into {data_dir}/, "
-                     "or pass --data-dir.", limit, required=required)
+    return load_data(data_dir / f"{task}.jsonl", lambda: _download(task, data_dir), _where(task, data_dir), limit,
+                     required=required)
 
 
 def build_prompt(sample: dict, task: str, template_set: str) -> str:

@@ -7,11 +7,32 @@ import typer
 from rich.console import Console
 
 from sale_cli import demo_model
+from sale_cli.errors import UserError
 from sale_cli.eval import niah
 from sale_cli.eval.common import atomic_write_json, experiment_dir, split_values
 
 METHODS = ("dense", "sale")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def default_theta(model: str, results_dir: Path, console: Console) -> float:
+    """Calibrate's default theta when its thresholds file for `model` exists (said on the console); else UserError
+    naming the command that makes it."""
+    from sale_cli.calibrate import DEFAULT_THETA
+    from sale_cli.runner import model_name
+    from sale_cli.thresholds import default_path
+
+    path = default_path(results_dir, model_name(model), DEFAULT_THETA)
+    if not path.is_file():
+        where = "" if results_dir == Path("results") else f" --results-dir {results_dir}"
+        raise UserError(
+            f"SALE needs thresholds and the default theta's file {path} does not exist: make it with "
+            f"`sale calibrate {model} --theta {DEFAULT_THETA:g}{where}`, or pass --theta/--thresholds, "
+            "or time --methods dense only."
+        )
+    console.print(f"SALE thresholds: {path} (calibrate's default theta {DEFAULT_THETA:g}; --theta or --thresholds "
+                  "for others)", soft_wrap=True)
+    return DEFAULT_THETA
 
 
 def latency(
@@ -77,7 +98,9 @@ def latency(
     theta: Annotated[
         float | None,
         typer.Option(
-            help="Use the calibrated SALE thresholds RESULTS_DIR/calibration/<model>/theta_<THETA>.safetensors."
+            help="Use the calibrated SALE thresholds: file theta_<THETA>.safetensors in the model's folder under "
+            "RESULTS_DIR/calibration/. "
+            "\\[default: calibrate's default theta, 0.4, when its file exists]"
         ),
     ] = None,
     thresholds: Annotated[
@@ -99,7 +122,7 @@ def latency(
         str | None, typer.Option(help="Spread the model over devices, e.g. 'auto' for all GPUs (accelerate).")
     ] = None,
     results_dir: Annotated[
-        Path, typer.Option(help="Results root; writes RESULTS_DIR/EXP/latency.json.")
+        Path, typer.Option(help="Results root; writes latency.json into RESULTS_DIR/EXP/.")
     ] = Path("results"),
     exp: Annotated[
         str | None, typer.Option(help="Experiment name. \\[default: latency-<model name>]")
@@ -140,10 +163,11 @@ def latency(
             raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=option)
     if not 0.0 <= depth <= 1.0:
         raise typer.BadParameter(f"must be in [0, 1], got {depth}", param_hint="--depth")
-    if "sale" in method_list and (thresholds is None) == (theta is None):
-        raise typer.BadParameter(
-            "SALE needs exactly one of --thresholds or --theta", param_hint="--thresholds/--theta"
-        )
+    if thresholds is not None and theta is not None:
+        raise typer.BadParameter("give --thresholds or --theta, not both", param_hint="--thresholds/--theta")
+    console = Console()
+    if "sale" in method_list and thresholds is None and theta is None:
+        theta = default_theta(model, results_dir, console)
     try:
         text = niah.load_haystack(haystack)
     except (OSError, ValueError) as exc:
@@ -156,7 +180,6 @@ def latency(
 
     from sale_cli.runner import load_runner
 
-    console = Console()
     try:
         runner = load_runner(
             model,

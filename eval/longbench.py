@@ -10,6 +10,7 @@ from sale_cli.eval.common import (
     Benchmark,
     Prepared,
     encode_final,
+    fetch_data,
     generate_all,
     load_data,
     load_spec,
@@ -43,11 +44,20 @@ def _download(data_dir: Path) -> None:
                 (data_dir / name).write_bytes(zf.read(member))
 
 
+def _where(dataset: str, data_dir: Path) -> str:
+    return (f"Download data.zip from https://huggingface.co/datasets/{HUB_REPO} and extract its "
+            f"data/*.jsonl files (e.g. {dataset}.jsonl) into {data_dir}/, or pass --data-dir.")
+
+
+def check_data(datasets: list[str], data_dir: Path) -> None:
+    """Every dataset's file present (downloaded when missing and the hub answers), before a model is loaded."""
+    for dataset in datasets:
+        fetch_data(data_dir / f"{dataset}.jsonl", lambda: _download(data_dir), _where(dataset, data_dir))
+
+
 def load_samples(dataset: str, data_dir: Path, limit: int | None = None) -> list[dict]:
     """The official `<dataset>.jsonl` records (first `limit` of them), downloading the set if missing."""
-    return load_data(data_dir / f"{dataset}.jsonl", lambda: _download(data_dir),
-                     f"Download data.zip from https://huggingface.co/datasets/{HUB_REPO} and extract its "
-                     f"data/*.jsonl files (e.g. {dataset}.jsonl) into {data_dir}/, or pass --data-dir.", limit,
+    return load_data(data_dir / f"{dataset}.jsonl", lambda: _download(data_dir), _where(dataset, data_dir), limit,
                      required=fields(dataset))
 
 

@@ -1,53 +1,168 @@
-"""`sale summarize`: scores, attention time and density of experiments side by side (table, .md, .csv, .png)."""
+"""`sale summarize`: what the experiments under a results folder hold, side by side.
+
+Three kinds of results, each in its own table: LongBench/InfiniteBench scores with attention time and density
+(also summary.csv and a plot), `sale latency` runs (latency.json: dense vs SALE per length) and the demo's
+passkey retrieval (demo/passkey.json). A folder or file it cannot use is skipped with a one-line note.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from sale_cli.errors import UserError
 from sale_cli.eval import infinitebench, longbench
-from sale_cli.eval.common import Benchmark, atomic_write_text, mean_or_none
+from sale_cli.eval.common import Benchmark, atomic_write_text, mean_or_none, read_json
 
 BENCHES: list[Benchmark] = [longbench.BENCH, infinitebench.BENCH]
 ATTN_ROW, DENSITY_ROW = "attention ms (mean)", "density (mean)"
+LATENCY_FILE = "latency.json"
+DEMO_FILE = "passkey.json"
+# Attention time (what SALE changes) per method; speedup = dense / SALE attention time.
+LATENCY_HEADER = ["experiment", "device", "length", "dense ms", "SALE ms", "speedup", "density"]
+DEMO_HEADER = ["experiment", "method", "backend", "accuracy", "density", "prefill s", "attn s"]
+# The errors a damaged or foreign file raises while read or scored (json's errors are ValueErrors).
+_UNUSABLE = (UserError, OSError, ValueError, KeyError, TypeError, AttributeError, ModuleNotFoundError)
 
 
-def _scores(bench: Benchmark, exp_dir: Path) -> dict[str, float]:
-    """result.json when it is newer than every prediction file, else a fresh (unwritten) scoring."""
+@dataclass
+class Collected:
+    """Everything usable under a results folder, and a note for each thing skipped."""
+
+    benches: dict[str, dict[str, dict]] = field(default_factory=dict)  # {exp: {bench: {scores, attn_ms, density}}}
+    latency: list[list[str]] = field(default_factory=list)  # LATENCY_HEADER rows
+    demo: list[list[str]] = field(default_factory=list)  # DEMO_HEADER rows
+    demo_devices: dict[str, str] = field(default_factory=dict)  # {exp: where the demo ran}
+    skipped: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.benches or self.latency or self.demo)
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError):
+        return f"scoring needs {err.name} (pip install 'sale[eval]')"
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _scores(bench: Benchmark, exp_dir: Path, skipped: list[str]) -> dict[str, float]:
+    """result.json when it is newer than every prediction file and readable, else a fresh (unwritten) scoring."""
     result = exp_dir / bench.name / "result.json"
     files = list((exp_dir / bench.name).glob("*.jsonl"))
     if result.exists() and all(f.stat().st_mtime <= result.stat().st_mtime for f in files):
-        return bench.read_result(exp_dir)
+        try:
+            return bench.read_result(exp_dir)
+        except _UNUSABLE as err:
+            skipped.append(f"{result}: unreadable ({_why(err)}); scored again from the predictions")
     return bench.score(exp_dir, write=False)
 
 
-def collect(results_dir: Path, exps: list[str] | None) -> dict[str, dict[str, dict]]:
-    """{experiment: {benchmark: {"scores": {...}, "attn_ms": x, "density": y}}}."""
-    if exps is None:
-        exps = sorted(p.name for p in results_dir.iterdir()
-                      if p.is_dir() and any((p / b.name).is_dir() for b in BENCHES)) if results_dir.is_dir() else []
-        if not exps:
-            raise FileNotFoundError(f"--results-dir: no experiments with benchmark results under {results_dir}")
-    data: dict[str, dict[str, dict]] = {}
-    for exp in exps:
-        exp_dir = results_dir / exp
-        present = [(b, names) for b in BENCHES if (names := b.available(exp_dir))]
-        if not present:
-            raise FileNotFoundError(f"--exp: no benchmark predictions under {exp_dir}")
-        data[exp] = {}
-        for bench, names in present:
+def _bench_results(exp_dir: Path, skipped: list[str]) -> dict[str, dict]:
+    out = {}
+    for bench in BENCHES:
+        if not (exp_dir / bench.name).is_dir():
+            continue
+        try:
+            names = bench.available(exp_dir)
+            if not names:
+                skipped.append(f"{exp_dir / bench.name}: no predictions (a failed or unfinished run)")
+                continue
             records = [r for n in names for r in bench.predictions(exp_dir, n).records()]
-            data[exp][bench.name] = {
-                "scores": _scores(bench, exp_dir),
+            out[bench.name] = {
+                "scores": _scores(bench, exp_dir, skipped),
                 "attn_ms": mean_or_none([r.get("attn_ms") for r in records]),
                 "density": mean_or_none([r.get("density") for r in records]),
             }
-    return data
+        except _UNUSABLE as err:
+            skipped.append(f"{exp_dir / bench.name}: unusable ({_why(err)})")
+    return out
+
+
+def _num(value: Any, spec: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return ""
+    return format(value, spec)
+
+
+def latency_rows(exp: str, payload: Any) -> list[list[str]]:
+    """LATENCY_HEADER rows of one latency.json (the `sale latency` output): one row per length."""
+    records = payload["records"]
+    device = str(payload.get("environment", {}).get("device", ""))
+    by_length: dict[int, dict[str, dict]] = {}
+    for r in records:
+        by_length.setdefault(int(r["length"]), {})[str(r["method"])] = r
+    rows = []
+    for length, methods in sorted(by_length.items()):
+        dense, sale = methods.get("dense", {}), methods.get("sale", {})
+        rows.append([exp, device, str(length), _num(dense.get("attn_ms"), ".1f"), _num(sale.get("attn_ms"), ".1f"),
+                     _num(sale.get("attn_speedup"), ".2f"), _num(sale.get("density"), ".3f")])
+    if not rows:
+        raise ValueError("no records")
+    return rows
+
+
+def demo_rows(exp: str, payload: Any) -> list[list[str]]:
+    """DEMO_HEADER rows of the demo's passkey.json: one row per method."""
+    records = payload["records"]
+    rows = []
+    for method in dict.fromkeys(str(r["method"]) for r in records):
+        mine = [r for r in records if r["method"] == method]
+        backend = payload.get("dense_backend" if method == "dense" else "sale_backend", "")
+        rows.append([exp, method, str(backend or ""),
+                     f"{sum(bool(r['correct']) for r in mine)}/{len(mine)}",
+                     _num(mean_or_none([r.get("density") for r in mine]), ".3f"),
+                     _num(mean_or_none([r["prefill_ms"] / 1000 for r in mine]), ".2f"),
+                     _num(mean_or_none([r["attn_ms"] / 1000 for r in mine]), ".2f")])
+    if not rows:
+        raise ValueError("no records")
+    return rows
+
+
+def _file_rows(path: Path, exp: str, parse, skipped: list[str]) -> list[list[str]]:
+    try:
+        return parse(exp, read_json(path))
+    except _UNUSABLE as err:
+        skipped.append(f"{path}: unusable ({_why(err)})")
+        return []
+
+
+def _known(exp_dir: Path) -> bool:
+    """Whether the folder holds any kind of result this command reads."""
+    return any((exp_dir / b.name).is_dir() for b in BENCHES) or (exp_dir / LATENCY_FILE).is_file() or \
+        (exp_dir / DEMO_FILE).is_file()
+
+
+def collect(results_dir: Path, exps: list[str] | None) -> Collected:
+    """The usable results of `exps` (default: every folder under `results_dir` holding results)."""
+    found = Collected()
+    if exps is None:
+        exps = sorted(p.name for p in results_dir.iterdir() if p.is_dir() and _known(p)) \
+            if results_dir.is_dir() else []
+    for exp in exps:
+        exp_dir = results_dir / exp
+        if not _known(exp_dir):
+            found.skipped.append(f"{exp_dir}: no benchmark, latency or demo results")
+            continue
+        benches = _bench_results(exp_dir, found.skipped)
+        if benches:
+            found.benches[exp] = benches
+        if (exp_dir / LATENCY_FILE).is_file():
+            found.latency += _file_rows(exp_dir / LATENCY_FILE, exp, latency_rows, found.skipped)
+        if (exp_dir / DEMO_FILE).is_file():
+            demo = _file_rows(exp_dir / DEMO_FILE, exp, demo_rows, found.skipped)
+            if demo:
+                found.demo += demo
+                found.demo_devices[exp] = str(read_json(exp_dir / DEMO_FILE).get("device") or "?")
+    return found
 
 
 def rows(data: dict[str, dict[str, dict]]) -> list[list[str]]:
-    """Table rows [benchmark, row name, one cell per experiment]."""
+    """Benchmark table rows [benchmark, row name, one cell per experiment]."""
     exps = list(data)
     out: list[list[str]] = []
     for bench in BENCHES:
@@ -58,8 +173,8 @@ def rows(data: dict[str, dict[str, dict]]) -> list[list[str]]:
         for name in names:
             out.append([bench.name, name, *(f"{r['scores'][name]:.2f}" if r and name in r["scores"] else ""
                                             for r in runs)])
-        for label, field, fmt in ((ATTN_ROW, "attn_ms", "{:.1f}"), (DENSITY_ROW, "density", "{:.3f}")):
-            out.append([bench.name, label, *(fmt.format(r[field]) if r and r[field] is not None else ""
+        for label, key, fmt in ((ATTN_ROW, "attn_ms", "{:.1f}"), (DENSITY_ROW, "density", "{:.3f}")):
+            out.append([bench.name, label, *(fmt.format(r[key]) if r and r[key] is not None else ""
                                              for r in runs)])
     return out
 
@@ -93,28 +208,61 @@ def _plot(data: dict[str, dict[str, dict]], path: Path) -> None:
     tmp.replace(path)
 
 
+def _markdown(header: list[str], body: list[list[str]], left: int) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|"]
+    return lines + ["| " + " | ".join(cell or "—" for cell in row) + " |" for row in body]
+
+
+def _csv(header: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *body])
+    return buf.getvalue()
+
+
 def summarize(results_dir: Path, exps: list[str] | None = None) -> list[list[str]]:
-    """Print the comparison table and write summary.md, summary.csv and summary.png into `results_dir`."""
+    """Print one table per kind of result and write summary.md (all of them), summary.csv and summary.png
+    (benchmarks) and summary_latency.csv into `results_dir`; returns the benchmark rows."""
     from rich.console import Console
     from rich.table import Table
 
-    data = collect(results_dir, exps)
-    header = ["benchmark", "dataset", *data]
-    body = rows(data)
+    console = Console()
+    found = collect(results_dir, exps)
+    for note in found.skipped:
+        console.print(f"skipped {note}", soft_wrap=True, markup=False, highlight=False)
+    if found.empty():
+        raise FileNotFoundError(f"--results-dir: no usable benchmark, latency or demo results under {results_dir}"
+                                + (f" for --exp {', '.join(exps)}" if exps else ""))
 
-    table = Table(title=f"SALE evaluation ({results_dir})")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 2 else "right")
-    for row in body:
-        table.add_row(*(cell or "—" for cell in row))
-    Console().print(table)
+    def show(title: str, header: list[str], body: list[list[str]], left: int) -> None:
+        table = Table(title=title)
+        for i, col in enumerate(header):  # text columns may wrap, numbers stay whole
+            table.add_column(col, justify="left" if i < left else "right", overflow="fold", no_wrap=i >= left)
+        for row in body:
+            table.add_row(*(cell or "—" for cell in row))
+        console.print(table)
 
-    md = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * len(data)) + "|"]
-    md += ["| " + " | ".join(cell or "—" for cell in row) + " |" for row in body]
+    md: list[str] = []
+    written: list[Path] = []
+    body: list[list[str]] = []
+    if found.benches:
+        header = ["benchmark", "dataset", *found.benches]
+        body = rows(found.benches)
+        show(f"SALE evaluation ({results_dir})", header, body, 2)
+        md += _markdown(header, body, 2)
+        atomic_write_text(results_dir / "summary.csv", _csv(header, body))
+        _plot(found.benches, results_dir / "summary.png")
+        written += [results_dir / "summary.csv", results_dir / "summary.png"]
+    if found.latency:
+        show("Prefill latency (sale latency): attention ms, medians", LATENCY_HEADER, found.latency, 2)
+        md += ([""] if md else []) + ["## Prefill latency", "", *_markdown(LATENCY_HEADER, found.latency, 2)]
+        atomic_write_text(results_dir / "summary_latency.csv", _csv(LATENCY_HEADER, found.latency))
+        written.append(results_dir / "summary_latency.csv")
+    if found.demo:
+        where = ", ".join(f"{e} on {d}" if len(found.demo_devices) > 1 else f"on {d}"
+                          for e, d in found.demo_devices.items())
+        show(f"Demo: passkey retrieval (sale demo) {where}", DEMO_HEADER, found.demo, 3)
+        md += ([""] if md else []) + [f"## Demo passkey retrieval {where}", "",
+                                      *_markdown(DEMO_HEADER, found.demo, 3)]
     atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([header, *body])
-    atomic_write_text(results_dir / "summary.csv", buf.getvalue())
-    _plot(data, results_dir / "summary.png")
-    print(f"wrote {results_dir / 'summary.md'}, {results_dir / 'summary.csv'}, {results_dir / 'summary.png'}")
+    print("wrote " + ", ".join(str(p) for p in [results_dir / "summary.md", *written]))
     return body

@@ -48,7 +48,7 @@ def sale_attention(
     return_density: bool = False,
     return_timings: bool = False,
 ):
-    """Causal SALE sparse attention (semantics: ``shared/spec/SALE.md``).
+    """Causal SALE sparse attention (semantics: ``docs/SPEC.md``).
 
     q: [B, Hq, Lq, d]; k, v: [B, Hkv, Lk, d] with Hq % Hkv == 0 (GQA, K/V never repeated); fp16, bf16 or
     fp32. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a

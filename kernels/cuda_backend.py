@@ -23,7 +23,7 @@ Three passes, each a kernel launch on the current stream (sources in ``kernels/c
 One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu), each registered as a torch.library custom
 op (``torch.ops.sale.quantize`` / ``select`` / ``compute``); docs/PERF_KERNEL_NOTES.md has the history.
 
-Chunks (``Lq < Lk``, shared/spec/SALE.md section 1): the queries are the last ``Lq`` of the ``Lk`` positions
+Chunks (``Lq < Lk``, docs/SPEC.md): the queries are the last ``Lq`` of the ``Lk`` positions
 (bottom-right causal); each pass takes the offset ``Lk - Lq`` as a runtime value: K's statistics run over the Lk
 keys and Q's over the Lq rows, query blocks count from the call's first row and key blocks (R, visibility, the
 bitmap's columns) absolutely.

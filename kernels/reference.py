@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of SALE attention (``shared/spec/SALE.md``); defines the semantics.
+"""Pure-PyTorch reference of SALE attention (``docs/SPEC.md``); defines the semantics.
 
 Everything is computed in fp32 from the inputs, query blocks are processed in chunks so memory stays
 bounded (no L x L matrix), and GQA reads the shared K/V head directly.

@@ -1,4 +1,4 @@
-"""Per-head threshold calibration (shared/spec/SALE.md section 7).
+"""Per-head threshold calibration (docs/SPEC.md, section 10).
 
 One dense forward per sample; at every layer the hook compares each head's SALE output with the dense one
 (the dense output goes on to the next layer, so errors do not compound) and halves tau while the error is
@@ -24,6 +24,7 @@ from sale_cli.kernels import sale_attention
 from sale_cli.runner import Runner
 
 TAU0 = 0.008
+DEFAULT_THETA = 0.4  # the paper's theta for Llama-3.1-8B; `sale calibrate` and `sale latency` default to it
 FLOOR = 1e-4
 PAPER_SAMPLES, PAPER_TOKENS = 5, 120_000
 DEMO_SAMPLES, DEMO_TOKENS = 2, 2048

@@ -82,6 +82,8 @@ def info():
     from sale_cli.kernels import available_backends
 
     table = Table(title="sale environment", show_header=False)
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")  # long paths and reasons wrap instead of being cut at the terminal width
     table.add_row("sale", __version__)
     table.add_row("python", platform.python_version())
     table.add_row("torch", torch.__version__)
@@ -135,7 +137,7 @@ def calibrate(
     samples: Annotated[int | None, typer.Option(help="Calibration samples \\[default: 5; demo model: 2].")] = None,
     tokens: Annotated[int | None, typer.Option(help="Tokens per sample \\[default: 120000; demo model: 2048].")] = None,
     tau0: Annotated[float, typer.Option(help="Starting tau of every head (halved while the error is too large).")] = 0.008,
-    out: Annotated[Path | None, typer.Option(help="Output file \\[default: RESULTS_DIR/calibration/<model>/theta_<theta>.safetensors].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file \\[default: theta_<theta>.safetensors in RESULTS_DIR/calibration/<model>/].")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
     block_q: Annotated[int, typer.Option(help="Query block size.")] = 64,
     block_k: Annotated[int, typer.Option(help="Key block size.")] = 32,
@@ -184,16 +186,18 @@ def demo(
     theta: Annotated[float, typer.Option(help="Calibration error bound for the demo model.")] = 0.4,
     prompts: Annotated[int, typer.Option(help="Passkey prompts (lengths spread over 1.5K-4K tokens).")] = 8,
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
+    device: Annotated[str, typer.Option(help="Device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N.")] = "auto",
 ):
-    """The main job on the embedded demo model (CPU is fine): fetch, calibrate, then passkey retrieval
-    with dense and SALE attention, printed as one table (accuracy, density, time)."""
+    """The main job on the demo model: fetch, calibrate, then passkey retrieval with dense vs SALE attention.
+
+    Runs on a GPU when there is one (SALE then uses the CUDA kernel), else on the CPU; one table shows the device, each method's backend, accuracy, density and time."""
     from sale_cli.demo import run_demo
     from sale_cli.eval.common import check_writable_dir
 
     _check_theta(theta)
     _check(prompts >= 1, "--prompts", f"must be at least 1, got {prompts}")
     check_writable_dir(results_dir, "--results-dir")
-    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console)
+    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console, device=device)
 
 
 def _register_tasks():

@@ -289,6 +289,18 @@ def _source(model: str) -> tuple[str, dict, str]:
     return model, {}, model.split("/")[-1]
 
 
+def model_name(model: str) -> str:
+    """The short name load_runner gives ``model`` (it names the calibration folder), without fetching or loading."""
+    if model == demo_model.ALIAS:
+        return demo_model.NAME
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        return demo_model.NAME if path.name == demo_model.GGUF else path.stem
+    if path.is_dir():
+        return path.resolve().name
+    return model.split("/")[-1]
+
+
 def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresholds: str | os.PathLike | None = None,
                 theta: float | None = None, results_dir: str | os.PathLike = "results",
                 options: SaleOptions | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
@@ -309,15 +321,17 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
     if random_weights and device_map is not None:
         raise ValueError("random_weights builds the model on one device; drop device_map")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        if random_weights:
-            config = AutoConfig.from_pretrained(source, **extra)
-            with torch.device(device):
-                loaded = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTN_NAME)
-        else:
-            loaded = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, attn_implementation=ATTN_NAME,
-                device_map=device_map if device_map else None, **extra)
+        with demo_model.quiet_loading("gguf_file" in extra):  # the GGUF conversion bar would print every time
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            if random_weights:
+                config = AutoConfig.from_pretrained(source, **extra)
+                with torch.device(device):
+                    loaded = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                              attn_implementation=ATTN_NAME)
+            else:
+                loaded = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=torch_dtype, attn_implementation=ATTN_NAME,
+                    device_map=device_map if device_map else None, **extra)
     except (OSError, ValueError, ImportError, SafetensorError) as exc:  # ImportError: GGUF without gguf
         if isinstance(exc, OSError) and not Path(source).exists():  # a hub id
             raise ModelLoadError(

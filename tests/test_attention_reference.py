@@ -1,4 +1,4 @@
-"""The reference SALE op against brute-force float64 implementations of shared/spec/SALE.md."""
+"""The reference SALE op against brute-force float64 implementations of docs/SPEC.md."""
 
 import math
 

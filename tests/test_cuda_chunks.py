@@ -1,4 +1,4 @@
-"""CUDA SALE kernels on chunks of a chunked prefill: Lq < Lk (shared/spec/SALE.md section 1).
+"""CUDA SALE kernels on chunks of a chunked prefill: Lq < Lk (docs/SPEC.md).
 
 The queries are the last Lq of Lk positions (bottom-right causal, offset off = Lk - Lq); query blocks count from
 the call's first row, key blocks (R, visibility, the block map) absolutely; K's smoothing mean runs over the Lk

@@ -291,8 +291,10 @@ def test_latency_command_rejects_bad_arguments_before_loading(tmp_path):
     from typer.testing import CliRunner
 
     app, runner = _app(), CliRunner()
-    missing = runner.invoke(app, ["nowhere", "--lengths", "256"], terminal_width=200)
-    assert missing.exit_code == 2 and "--thresholds/--theta" in missing.output
+    (tmp_path / "tau.safetensors").write_bytes(b"")
+    both = runner.invoke(app, ["nowhere", "--lengths", "256", "--theta", "0.4", "--thresholds",
+                               str(tmp_path / "tau.safetensors")], terminal_width=200)
+    assert both.exit_code == 2 and "--thresholds/--theta" in both.output
     for args, option in (
         (["--methods", "dense,flash"], "--methods"),
         (["--methods", "dense", "--lengths", "0"], "--lengths"),
