@@ -16,6 +16,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console()
+PREFILL_CHUNK_HELP = ("Tokens per prefill chunk: a multiple of 64, 0 = the whole prompt at once. "
+                      "\\[default: chosen from the model and the free GPU memory; 0 on CPU]")
 
 
 @app.command()
@@ -86,6 +88,7 @@ def calibrate(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
     device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' spreads the model over all GPUs (accelerate).")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option(help=PREFILL_CHUNK_HELP)] = None,
 ):
     """Calibrate per-head SALE thresholds (halving search from tau0 until each head's error is below theta).
 
@@ -100,10 +103,12 @@ def calibrate(
     tokens = tokens or (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
     options = _options(block_q, block_k, sink_tokens, local_window, estimate, quant_group, backend)
     with console.status(f"loading {model}"):
-        runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map)
+        runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map,
+                             prefill_chunk=prefill_chunk)
     out = out or thresholds.default_path(results_dir, runner.model_name, theta)
     console.print(f"Calibrating {runner.model_name}: theta={theta:g}, {samples} samples x {tokens} tokens, "
-                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}")
+                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}, prefill chunk "
+                  f"{runner.prefill_chunk or 'whole prompt'}")
     tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, console=console)
     console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
     console.print(f"Wrote {out}")
@@ -114,12 +119,13 @@ def demo(
     theta: Annotated[float, typer.Option(help="Calibration error bound for the demo model.")] = 0.4,
     prompts: Annotated[int, typer.Option(help="Passkey prompts (lengths spread over 1.5K-4K tokens).")] = 8,
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
+    prefill_chunk: Annotated[int | None, typer.Option(help=PREFILL_CHUNK_HELP)] = None,
 ):
     """The main job on the embedded demo model (CPU is fine): fetch, calibrate, then passkey retrieval
     with dense and SALE attention, printed as one table (accuracy, density, time)."""
     from sale_cli.demo import run_demo
 
-    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console)
+    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console, prefill_chunk=prefill_chunk)
 
 
 def _register_tasks():

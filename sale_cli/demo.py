@@ -37,10 +37,10 @@ def passkey_eval(runner, count: int, console: Console | None = None, seed0: int 
     return records
 
 
-def run_demo(theta: float, prompts: int, results_dir: Path, console: Console):
+def run_demo(theta: float, prompts: int, results_dir: Path, console: Console, prefill_chunk: int | None = None):
     """Fetch the demo model, calibrate it (or reuse the calibration), then passkey retrieval dense vs SALE."""
     with console.status("fetching and loading the demo model"):
-        runner = load_runner(demo_model.ALIAS, device="cpu")
+        runner = load_runner(demo_model.ALIAS, device="cpu", prefill_chunk=prefill_chunk)
     path = thresholds.default_path(results_dir, runner.model_name, theta)
     if path.is_file():
         console.print(f"Using existing thresholds {path}")
