@@ -424,6 +424,7 @@ class Runner:
         self._shape = (cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
         self.thresholds_path: Path | None = None
         self._file_chunk: int | None = None  # the prefill chunk recorded in the loaded thresholds file
+        self._warned: set[str] = set()
         self.adopt_file_options = False
         self.prefill_chunk = 0  # tokens per prefill chunk, 0 = whole prompt; set through set_prefill_chunk
 
@@ -438,8 +439,10 @@ class Runner:
         return [(a, min(a + step, length)) for a in range(0, length, step)]
 
     def _warn_chunk_mismatch(self) -> None:
+        """Log the one-line mismatch warning, once per (file, run chunk)."""
         message = thresholds_io.chunk_mismatch(self.thresholds_path, self._file_chunk, self.prefill_chunk)
-        if message and self.state.thresholds is not None:
+        if message and self.state.thresholds is not None and message not in self._warned:
+            self._warned.add(message)
             _log.warning(message)
 
     @property
