@@ -56,6 +56,9 @@ DtypeOpt = Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float1
 DeviceOpt = Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N (set per rank under torchrun).")]
 DeviceMapOpt = Annotated[str | None, typer.Option(
     help="Spread one model over the GPUs (e.g. 'auto'); not with several torchrun ranks.")]
+PrefillChunkOpt = Annotated[int | None, typer.Option(
+    help="Tokens per prefill chunk: a multiple of 64, 0 = the whole prompt at once. "
+         "\\[default: chosen from the model and the free GPU memory; 0 on CPU]")]
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -105,7 +108,7 @@ def _score_and_show(bench: Benchmark, exp_dir: Path, names: list[str] | None, ev
 
 
 def _load_runner(model: str, method: Method, thresholds: Path | None, theta: float | None, results_dir: Path,
-                 dtype: str, device: str, device_map: str | None):
+                 dtype: str, device: str, device_map: str | None, prefill_chunk: int | None = None):
     if thresholds is not None and theta is not None:
         raise typer.BadParameter("give --thresholds or --theta, not both", param_hint="--thresholds/--theta")
     if method is Method.dense and (thresholds is not None or theta is not None):
@@ -125,7 +128,15 @@ def _load_runner(model: str, method: Method, thresholds: Path | None, theta: flo
     offline_unless_reachable(model)  # an unreachable hub: load from the cache or fail at once, no retries
     return load_runner(model=model, method=method.value, thresholds=str(thresholds) if thresholds else None,
                        theta=theta, results_dir=str(results_dir), dtype=dtype, device=device,
-                       device_map=device_map)
+                       device_map=device_map, prefill_chunk=prefill_chunk)
+
+
+def _check_prefill_chunk(prefill_chunk: int | None) -> None:
+    """A bad --prefill-chunk fails before the data is fetched or the model loaded."""
+    if prefill_chunk is not None:
+        from sale_cli.runner import check_prefill_chunk
+
+        check_prefill_chunk(prefill_chunk)
 
 
 def _run_config(runner, method: Method, thresholds: Path | None, theta: float | None, max_length: int | None,
@@ -153,17 +164,20 @@ def longbench(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
+    prefill_chunk: PrefillChunkOpt = None,
 ) -> None:
     """Run LongBench v1 with official prompts and scoring; resumable, data-parallel under torchrun."""
     from sale_cli.eval import longbench as lb
 
     try:
         names = parse_names(datasets, lb.ALL_DATASETS, lb.PAPER_DATASETS, "--datasets")
+        _check_prefill_chunk(prefill_chunk)
         exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
             lb.check_data(names, data_dir)  # before the model: a missing file fails in seconds
-            runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
+            runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map,
+                                  prefill_chunk)
             check_run_config(exp_dir / lb.BENCH.name, _run_config(runner, method, thresholds, theta, max_length))
             lb.run(runner, exp_dir, names, data_dir, limit, max_length)
 
@@ -196,17 +210,20 @@ def infinitebench(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None,
+    prefill_chunk: PrefillChunkOpt = None,
 ) -> None:
     """Run InfiniteBench with official prompts and scoring; resumable, data-parallel under torchrun."""
     from sale_cli.eval import infinitebench as ib
 
     try:
         names = parse_names(tasks, ib.ALL_TASKS, ib.PAPER_TASKS, "--tasks")
+        _check_prefill_chunk(prefill_chunk)
         exp_dir = experiment_dir(results_dir, exp)
 
         def generate() -> None:
             ib.check_data(names, data_dir)  # before the model: a missing file fails in seconds
-            runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map)
+            runner = _load_runner(model, method, thresholds, theta, results_dir, dtype, device, device_map,
+                                  prefill_chunk)
             check_run_config(exp_dir / ib.BENCH.name, _run_config(runner, method, thresholds, theta, max_length,
                                                   template=template.value))
             ib.run(runner, exp_dir, names, data_dir, limit, max_length, template.value)

@@ -127,6 +127,13 @@ def latency(
     exp: Annotated[
         str | None, typer.Option(help="Experiment name. \\[default: latency-<model name>]")
     ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per prefill chunk: a multiple of 64, 0 = the whole prompt at once; the prefill time "
+            "spans all chunks. \\[default: chosen from the model and the free GPU memory; 0 on CPU]"
+        ),
+    ] = None,
 ) -> None:
     """Needle-in-a-haystack prefill latency up to 128K tokens, dense vs SALE side by side.
 
@@ -191,6 +198,7 @@ def latency(
             device=device,
             device_map=device_map,
             random_weights=random_weights,
+            prefill_chunk=prefill_chunk,
         )
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
@@ -232,6 +240,7 @@ def latency(
             "random_weights": random_weights,
             "dtype": dtype,
             "device_map": device_map,
+            "prefill_chunk": runner.prefill_chunk,
         },
         "records": records,
     }

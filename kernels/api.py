@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from . import cuda_backend
 from .reference import sale_attention_reference
@@ -50,8 +51,9 @@ def sale_attention(
 ):
     """Causal SALE sparse attention (semantics: ``docs/SPEC.md``).
 
-    q: [B, Hq, Lq, d]; k, v: [B, Hkv, Lk, d] with Hq % Hkv == 0 (GQA, K/V never repeated); fp16, bf16 or
-    fp32. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a
+    q: [B, Hq, Lq, d]; k, v: [B, Hkv, Lk, d] with Hq % Hkv == 0 (GQA, K/V never repeated) and Lq <= Lk: the
+    queries are the last Lq positions (causal mask aligned bottom-right; Lq < Lk is one chunk of a chunked
+    prefill); fp16, bf16 or fp32. A call with Lk <= ``dense_below`` is exact dense attention. thresholds: [Hq] tau per query head (0 = dense head). Returns the output tensor, or a
     :class:`SaleOutput` when any ``return_*`` flag is set (density is filled whenever an object is returned).
     ``return_timings`` asks the CUDA backend for ms per stage (quant, select, compute); it synchronizes.
     ``compute`` picks the CUDA backend's computation pass: "cuda" (own kernel), "flex" (FlexAttention on the same
@@ -64,7 +66,7 @@ def sale_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     sink_tokens = block_k if sink_tokens is None else sink_tokens
     want_object = return_block_map or return_lse or return_density or return_timings
-    dense = q.shape[2] <= dense_below
+    dense = k.shape[2] <= dense_below  # the short-input rule counts keys: a short last chunk stays sparse
 
     chosen = _choose_backend(backend, q, k, block_q=block_q, block_k=block_k, estimate=estimate)
     kwargs = dict(scale=scale, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens, local_window=local_window,
@@ -73,7 +75,7 @@ def sale_attention(
     if chosen == "cuda":
         if (dense or not bool(tau.any())) and not want_object:
             # exact dense attention (short input, or every head at tau 0): the fastest SDPA backend
-            return _sdpa_dense(q, k, v, scale)
+            return causal_sdpa(q, k, v, scale)
         if dense:
             tau = torch.zeros_like(tau)
         out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs,
@@ -92,11 +94,29 @@ def available_backends() -> dict[str, str]:
     return {"reference": "available", "cuda": "available" if ok else reason}
 
 
-def _sdpa_dense(q, k, v, scale):
-    G = q.shape[1] // k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1
-    )
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Exact causal attention through SDPA with the queries as the last Lq of the Lk positions (bottom-right).
+
+    SDPA's ``is_causal=True`` aligns the mask top-left when Lq != Lk, so it is used only for Lq == Lk (the
+    fastest path); one query row sees every key; otherwise torch's lower-right causal bias (flash or
+    memory-efficient kernels where they apply), or an explicit boolean mask where that bias is refused.
+    """
+    Lq, Lk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if Lq == Lk or Lq == 1:
+        return sdpa(q, k, v, is_causal=Lq > 1, scale=scale, enable_gqa=gqa)
+    if q.is_cuda:
+        try:
+            return sdpa(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale, enable_gqa=gqa)
+        except RuntimeError:  # a fused kernel that takes the bias but not this GQA layout
+            pass
+    return sdpa(q, k, v, attn_mask=bottom_right_mask(Lq, Lk, q.device), scale=scale, enable_gqa=gqa)
+
+
+def bottom_right_mask(Lq: int, Lk: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [Lq, Lk], True where query row i may see key j: j <= i + (Lk - Lq)."""
+    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
 
 
 def _choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor, **options) -> str:
@@ -164,10 +184,8 @@ def _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_wind
     if Lq == 0 or d == 0 or B == 0:
         raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)}")
     if Lq > Lk:
-        raise ValueError(f"q length ({Lq}) must not exceed k length ({Lk})")
-    if Lq < Lk:
-        raise ValueError(f"q length ({Lq}) < k length ({Lk}) (chunked prefill) is not supported yet; "
-                         "pass the whole prompt so that Lq == Lk")
+        raise ValueError(f"q length ({Lq}) must not exceed k length ({Lk}): the queries are the last Lq of the "
+                         "Lk positions")
 
     if not isinstance(thresholds, torch.Tensor):
         raise ValueError(f"thresholds must be a torch.Tensor of shape [{Hq}], got {type(thresholds).__name__}")

@@ -54,6 +54,12 @@ def _block_ranges(Lq: int, Lk: int, block_q: int, block_k: int, sink_tokens: int
     return visible, (sink | local) & visible
 
 
+def visible_block_pairs(Lq: int, Lk: int, block_q: int, block_k: int) -> int:
+    """Causally visible (query block, key block) pairs of one head: the denominator of the density."""
+    off = Lk - Lq
+    return sum(((min((qb + 1) * block_q, Lq) - 1 + off) // block_k) + 1 for qb in range(math.ceil(Lq / block_q)))
+
+
 def sale_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -2,8 +2,9 @@
 
 One dense forward per sample; at every layer the hook compares each head's SALE output with the dense one
 (the dense output goes on to the next layer, so errors do not compound) and halves tau while the error is
->= theta. Tau carries over between samples. Progress is saved after every sample, so an interrupted run
-resumes without redoing finished samples.
+>= theta. Tau carries over between samples. With the runner's prefill chunk, each chunk's attention call is
+one comparison (tau carries over between chunks as between samples); the file records the chunk. Progress
+is saved after every sample, so an interrupted run resumes without redoing finished samples.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
     if runner.max_context and tokens > runner.max_context:
         raise ValueError(f"tokens ({tokens}) exceeds the model's context limit ({runner.max_context})")
     console = console or Console()
-    meta = dict(model=runner.model_name, theta=theta, tau0=tau0, tokens=tokens, options=runner.options)
+    meta = dict(model=runner.model_name, theta=theta, tau0=tau0, tokens=tokens, options=runner.options,
+                prefill_chunk=runner.prefill_chunk)
     tau = torch.full((runner.num_layers, runner.num_heads), tau0, dtype=torch.float32)
     density = torch.ones_like(tau)
     done = 0
@@ -90,7 +92,7 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
             tau, saved = thresholds_io.load(partial, num_layers=runner.num_layers, num_heads=runner.num_heads,
                                             options=runner.options, model=runner.model_name)
             same = saved.get("theta") == f"{theta:g}" and saved.get("tau0") == f"{tau0:g}" and \
-                saved.get("tokens") == str(tokens)
+                saved.get("tokens") == str(tokens) and saved.get("prefill_chunk") == str(runner.prefill_chunk)
             done = int(saved["samples"]) if same else 0
         except (ValueError, KeyError) as exc:
             raise UserError(f"{exc} ({partial} holds an interrupted calibration: delete it to start afresh)") from exc
@@ -117,7 +119,8 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
         for index in range(done, samples):
             prompt, _ = kv_retrieval_sample(index, tokens, count)
             ids = tok(runner.apply_chat_template(prompt), add_special_tokens=False).input_ids
-            bar.reset(layer_task, total=runner.num_layers, description=f"layers (sample {index + 1}, {len(ids)} tokens)")
+            calls = runner.num_layers * len(runner.chunk_bounds(len(ids)))  # the hook runs per layer and chunk
+            bar.reset(layer_task, total=calls, description=f"layers (sample {index + 1}, {len(ids)} tokens)")
             runner.set_method("dense")
             runner.state.hook = hook
             try:

@@ -56,6 +56,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console()
+PREFILL_CHUNK_HELP = ("Tokens per prefill chunk: a multiple of 64, 0 = the whole prompt at once. "
+                      "\\[default: chosen from the model and the free GPU memory; 0 on CPU]")
 
 
 @app.callback()
@@ -149,6 +151,7 @@ def calibrate(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
     device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' spreads the model over all GPUs (accelerate).")] = None,
+    prefill_chunk: Annotated[int | None, typer.Option(help=PREFILL_CHUNK_HELP)] = None,
 ):
     """Calibrate per-head SALE thresholds (halving search from tau0 until each head's error is below theta).
 
@@ -172,10 +175,12 @@ def calibrate(
     else:
         check_writable_dir(results_dir / "calibration", "--results-dir")
     with console.status(f"loading {model}"):
-        runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map)
+        runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map,
+                             prefill_chunk=prefill_chunk)
     out = out or thresholds.default_path(results_dir, runner.model_name, theta)
     console.print(f"Calibrating {runner.model_name}: theta={theta:g}, {samples} samples x {tokens} tokens, "
-                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}")
+                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}, prefill chunk "
+                  f"{runner.prefill_chunk or 'whole prompt'}")
     tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, console=console)
     console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
     console.print(f"Wrote {out}")
@@ -187,6 +192,7 @@ def demo(
     prompts: Annotated[int, typer.Option(help="Passkey prompts (lengths spread over 1.5K-4K tokens).")] = 8,
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
     device: Annotated[str, typer.Option(help="Device: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N.")] = "auto",
+    prefill_chunk: Annotated[int | None, typer.Option(help=PREFILL_CHUNK_HELP)] = None,
 ):
     """The main job on the demo model: fetch, calibrate, then passkey retrieval with dense vs SALE attention.
 
@@ -197,7 +203,8 @@ def demo(
     _check_theta(theta)
     _check(prompts >= 1, "--prompts", f"must be at least 1, got {prompts}")
     check_writable_dir(results_dir, "--results-dir")
-    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console, device=device)
+    run_demo(theta=theta, prompts=prompts, results_dir=results_dir, console=console, device=device,
+             prefill_chunk=prefill_chunk)
 
 
 def _register_tasks():

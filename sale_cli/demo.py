@@ -73,14 +73,15 @@ def result_table(records: list[dict], model: str, place: str, backends: dict[str
     return table
 
 
-def run_demo(theta: float, prompts: int, results_dir: Path, console: Console, device: str = "auto"):
+def run_demo(theta: float, prompts: int, results_dir: Path, console: Console, device: str = "auto",
+             prefill_chunk: int | None = None):
     """Fetch the demo model, calibrate it (or reuse the calibration), then passkey retrieval dense vs SALE.
 
     ``device="auto"`` takes the GPU when there is one (SALE then runs the CUDA kernel where it supports the GPU).
     """
     demo_model.fetch(report=console.print)  # says so (with the size) when it downloads, before the spinner
     with console.status("loading the demo model"):
-        runner = load_runner(demo_model.ALIAS, device=device)
+        runner = load_runner(demo_model.ALIAS, device=device, prefill_chunk=prefill_chunk)
     place = where(runner)
     backends = {"dense": runner.dense_backend,
                 "sale": "CUDA kernel" if runner.sale_backend == "cuda" else "reference"}

@@ -4,10 +4,15 @@ Attention goes through transformers' attention-function registry: the runner reg
 implementation, which routes prefill calls (more than one query token) to ``sale_attention`` with the
 layer's thresholds when the method is "sale", and everything else to the fastest exact dense attention.
 Each call can be timed (CUDA events on GPU, wall clock on CPU) and its block density recorded.
+
+Prompts go through the model in chunks of ``Runner.prefill_chunk`` tokens (0 = the whole prompt at once) with
+a KV cache: each chunk's attention call has Lq = the chunk's rows over Lk = all positions so far. Only the
+last position's logits are ever computed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -23,10 +28,14 @@ from sale_cli import demo_model
 from sale_cli import thresholds as thresholds_io
 from sale_cli.errors import ModelLoadError
 from sale_cli.kernels import sale_attention
+from sale_cli.kernels.api import bottom_right_mask
+from sale_cli.kernels.reference import visible_block_pairs
 from sale_cli.options import SaleOptions
 
 METHODS = ("dense", "sale")
 ATTN_NAME = "sale"
+CHUNK_MULTIPLE = 64  # prefill chunks are whole query blocks of the default block_q
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,21 +67,40 @@ _DENSE_CHOICE: dict[tuple, tuple[str, bool]] = {}
 
 
 def _sdpa(q, k, v, scale, backend: str | None, repeat_kv: bool):
+    """SDPA with the queries as the last Lq of the Lk positions. ``backend`` names an SDPBackend for square
+    calls; for chunks (1 < Lq < Lk) it is "LOWER_RIGHT" (torch's lower-right causal bias, which picks its own
+    fused kernel) or "MASK" (an explicit boolean mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
     Lq, Lk = q.shape[2], k.shape[2]
     G = q.shape[1] // k.shape[1]
     if repeat_kv and G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    mask, causal = None, Lq > 1
-    if 1 < Lq < Lk:  # bottom-right aligned causal mask (prefix in the cache)
-        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-        causal = False
+    mask, causal, variant = None, Lq > 1, backend
+    if backend in ("LOWER_RIGHT", "MASK"):
+        backend = None
+    if 1 < Lq < Lk:  # a chunk: SDPA's is_causal would align the mask top-left
+        mask = causal_lower_right(Lq, Lk) if variant == "LOWER_RIGHT" else bottom_right_mask(Lq, Lk, q.device)
+        causal, backend = False, None
     kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=G > 1 and not repeat_kv)
     if backend is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel([getattr(SDPBackend, backend)]):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _time_ms(fn, device) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch explains each backend it cannot use
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 200
 
 
 def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
@@ -90,16 +118,7 @@ def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) 
     for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         for repeat_kv in (False, True):
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # torch explains each backend it cannot use
-                    for _ in range(2):
-                        _sdpa(q, k, v, None, backend, repeat_kv)
-                    torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(5):
-                        _sdpa(q, k, v, None, backend, repeat_kv)
-                    torch.cuda.synchronize(device)
-                ms = (time.perf_counter() - start) * 200
+                ms = _time_ms(lambda b=backend, r=repeat_kv: _sdpa(q, k, v, None, b, r), device)
             except RuntimeError:
                 continue
             if ms < best_ms:
@@ -108,9 +127,40 @@ def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) 
     return _DENSE_CHOICE[key]
 
 
+def _probe_chunk(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
+    """The fastest correct bottom-right variant for a chunk (1K queries over 4K keys): torch's lower-right
+    causal bias (with or without repeated K/V) or an explicit mask; checked against the mask's output, since a
+    fused kernel may take the bias but mishandle a GQA layout."""
+    key = ("chunk", hq, hkv, d, dtype, device)
+    if key in _DENSE_CHOICE:
+        return _DENSE_CHOICE[key]
+    if device.type != "cuda":
+        _DENSE_CHOICE[key] = ("MASK", False)
+        return _DENSE_CHOICE[key]
+    q = torch.randn(1, hq, 1024, d, device=device, dtype=dtype)
+    k = torch.randn(1, hkv, 4096, d, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    want = _sdpa(q, k, v, None, "MASK", False).float()
+    best, best_ms = ("MASK", False), _time_ms(lambda: _sdpa(q, k, v, None, "MASK", False), device)
+    for repeat_kv in (False, True):
+        try:
+            got = _sdpa(q, k, v, None, "LOWER_RIGHT", repeat_kv).float()
+            if (got - want).abs().max().item() > 2e-2:
+                continue
+            ms = _time_ms(lambda r=repeat_kv: _sdpa(q, k, v, None, "LOWER_RIGHT", r), device)
+        except RuntimeError:
+            continue
+        if ms < best_ms:
+            best, best_ms = ("LOWER_RIGHT", repeat_kv), ms
+    _DENSE_CHOICE[key] = best
+    return best
+
+
 def dense_attention(q, k, v, scale):
-    """Exact causal attention with the fastest probed SDPA backend for this shape and device."""
-    backend, repeat_kv = _probe(q.shape[1], k.shape[1], q.shape[-1], q.dtype, q.device)
+    """Exact causal attention (queries = the last Lq positions) with the fastest probed SDPA path for this
+    shape and device: the square-prefill probe for Lq == Lk, the chunk probe for 1 < Lq < Lk."""
+    probe = _probe_chunk if 1 < q.shape[2] < k.shape[2] else _probe
+    backend, repeat_kv = probe(q.shape[1], k.shape[1], q.shape[-1], q.dtype, q.device)
     return _sdpa(q, k, v, scale, backend or None, repeat_kv)
 
 
@@ -144,9 +194,11 @@ class AttentionState:
         self.thresholds: torch.Tensor | None = None  # [num_layers, Hq] on CPU
         self._per_device: dict[tuple[int, str], torch.Tensor] = {}
         self.recording = False
+        self.prefilling = False  # set by the runner around a prompt's chunks: a 1-token last chunk is prefill
         self.stage_timings = False  # ask the kernel for quant/select/compute times (it synchronizes per call)
         self.records: list[tuple] = []
-        # calibration: called as hook(layer_idx, q, k, v, dense_out, scale) on prefill calls
+        # calibration: called as hook(layer_idx, q, k, v, dense_out, scale) on prefill calls (once per chunk:
+        # q holds the chunk's rows, k and v every position so far)
         self.hook: Callable | None = None
 
     def set_thresholds(self, tau: torch.Tensor | None):
@@ -168,7 +220,7 @@ def _attention_forward(module, query, key, value, attention_mask=None, scaling=N
     if dropout:
         raise ValueError("the 'sale' attention does not support dropout (inference only)")
     layer = module.layer_idx
-    prefill = query.shape[2] > 1
+    prefill = state.prefilling or query.shape[2] > 1
     timed = state.recording and prefill
     if timed:
         start = _now(query.device)
@@ -183,7 +235,7 @@ def _attention_forward(module, query, key, value, attention_mask=None, scaling=N
         if prefill and state.hook is not None:
             state.hook(layer, query, key, value, out, scaling)
     if timed:
-        state.records.append((layer, start, _now(query.device), density, timings))
+        state.records.append((layer, start, _now(query.device), density, timings, query.shape[2], key.shape[2]))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -206,6 +258,56 @@ def register_attention():
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, _attention_forward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the prefill chunk
+
+
+def check_prefill_chunk(chunk, max_context: int = 0) -> int:
+    """``chunk`` if it is 0 (whole prompt) or a positive multiple of 64 within ``max_context`` (0: unknown);
+    else ValueError naming --prefill-chunk."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or chunk % CHUNK_MULTIPLE:
+        raise ValueError(f"--prefill-chunk must be 0 (whole prompt) or a positive multiple of {CHUNK_MULTIPLE} "
+                         f"tokens, got {chunk!r}")
+    if max_context and chunk > max_context:
+        raise ValueError(f"--prefill-chunk {chunk} exceeds the model's context of {max_context} tokens; use at most "
+                         f"{max_context // CHUNK_MULTIPLE * CHUNK_MULTIPLE}, or 0 for the whole prompt")
+    return chunk
+
+
+def default_prefill_chunk(config, dtype: torch.dtype, devices: list[torch.device]) -> int:
+    """The chunk a run uses when --prefill-chunk is not given (a first rule; the memory plan refines it).
+
+    0 (whole prompt) without a GPU. On GPUs: the largest power of two >= 1024 whose per-token transients of one
+    decoder layer (MLP intermediates, q/k/v, hidden states) fit an eighth of the smallest free memory among
+    ``devices``; 0 when the model's whole context fits that way.
+    """
+    gpus = [d for d in devices if d.type == "cuda"]
+    if not gpus:
+        return 0
+    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus)
+    hidden = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    per_token = torch.finfo(dtype).bits // 8 * (3 * inter + 4 * hidden + (heads + 2 * kv_heads) * head_dim)
+    fits = free // 8 // per_token
+    max_context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if max_context <= 1024 or fits >= max_context:
+        return 0
+    chunk = 1024
+    while chunk * 2 <= min(fits, max_context):
+        chunk *= 2
+    return chunk
+
+
+def resolve_prefill_chunk(requested: int | None, *, config, dtype: torch.dtype, devices: list[torch.device]) -> int:
+    """The run's prefill chunk: ``requested`` (--prefill-chunk) checked against the model's context, or, when
+    None, :func:`default_prefill_chunk`."""
+    if requested is None:
+        return default_prefill_chunk(config, dtype, devices)
+    return check_prefill_chunk(requested, int(getattr(config, "max_position_embeddings", 0) or 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,17 +406,21 @@ def model_name(model: str) -> str:
 def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresholds: str | os.PathLike | None = None,
                 theta: float | None = None, results_dir: str | os.PathLike = "results",
                 options: SaleOptions | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
-                device_map: str | None = None, random_weights: bool = False) -> Runner:
+                device_map: str | None = None, random_weights: bool = False,
+                prefill_chunk: int | None = None) -> Runner:
     """Load a model (alias, HF id, local directory or .gguf) with the "sale" attention registered.
 
     ``random_weights`` builds the architecture from the config alone (for timing without a checkpoint).
-    Without ``options``, a thresholds file's recorded op options are adopted.
+    Without ``options``, a thresholds file's recorded op options are adopted. ``prefill_chunk``: tokens per
+    prefill chunk (a multiple of 64, 0 = whole prompt); None picks :func:`resolve_prefill_chunk`'s default.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = check_device(device)
     if device_map not in (None, "auto"):
         raise ValueError(f"device_map must be None or 'auto', got {device_map!r}")
+    if prefill_chunk is not None:
+        check_prefill_chunk(prefill_chunk)  # before loading weights; the context limit is checked after
     torch_dtype = _resolve_dtype(dtype, device if device_map is None else "cuda")
     source, extra, name = _source(model)
     register_attention()
@@ -345,6 +451,8 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
     loaded.eval()
     runner = Runner(loaded, tokenizer, name, options or SaleOptions())
     runner.adopt_file_options = options is None
+    runner.set_prefill_chunk(resolve_prefill_chunk(prefill_chunk, config=loaded.config, dtype=runner.dtype,
+                                                   devices=runner.devices))
     runner.set_method(method, thresholds, theta=theta, results_dir=results_dir)
     return runner
 
@@ -375,7 +483,32 @@ class Runner:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._shape = (cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
         self.thresholds_path: Path | None = None
+        self._file_chunk: int | None = None  # the prefill chunk recorded in the loaded thresholds file
+        self._warned: set[str] = set()
         self.adopt_file_options = False
+        self.prefill_chunk = 0  # tokens per prefill chunk, 0 = whole prompt; set through set_prefill_chunk
+
+    def set_prefill_chunk(self, chunk: int) -> None:
+        """Tokens per prefill chunk (a multiple of 64 within the model's context; 0 = whole prompt)."""
+        self.prefill_chunk = check_prefill_chunk(chunk, self.max_context)
+        self._warn_chunk_mismatch()
+
+    def chunk_bounds(self, length: int) -> list[tuple[int, int]]:
+        """[start, end) of each prefill chunk of a ``length``-token prompt."""
+        step = self.prefill_chunk or length
+        return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+    def _warn_chunk_mismatch(self) -> None:
+        """Log the one-line mismatch warning, once per (file, run chunk)."""
+        message = thresholds_io.chunk_mismatch(self.thresholds_path, self._file_chunk, self.prefill_chunk)
+        if message and self.state.thresholds is not None and message not in self._warned:
+            self._warned.add(message)
+            _log.warning(message)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices holding the model's weights (several with device_map="auto")."""
+        return sorted({p.device for p in self.model.parameters()}, key=str)
 
     @property
     def device(self) -> torch.device:
@@ -420,7 +553,7 @@ class Runner:
                 raise ValueError("method 'sale' needs thresholds: pass --thresholds PATH or --theta X "
                                  f"(after `sale calibrate {self.model_name} --theta X`)")
             if isinstance(thresholds, torch.Tensor):
-                tau = thresholds
+                tau, self._file_chunk = thresholds, None
                 if tuple(tau.shape) != (self.num_layers, self.num_heads):
                     raise ValueError(f"thresholds must have shape [{self.num_layers}, {self.num_heads}], "
                                      f"got {tuple(tau.shape)}")
@@ -436,10 +569,12 @@ class Runner:
                             raise ValueError(f"{path}: unreadable op options in its metadata ({exc}); "
                                              "recreate it with `sale calibrate`") from exc
                         self.options = self.state.options = opts
-                tau, _ = thresholds_io.load(path, num_layers=self.num_layers, num_heads=self.num_heads,
-                                            options=self.options, model=self.model_name)
-                self.thresholds_path = path
+                tau, meta = thresholds_io.load(path, num_layers=self.num_layers, num_heads=self.num_heads,
+                                               options=self.options, model=self.model_name)
+                self.thresholds_path, self._file_chunk = path, thresholds_io.recorded_chunk(meta)
             self.state.set_thresholds(tau)
+            if not isinstance(thresholds, torch.Tensor):
+                self._warn_chunk_mismatch()
         self.state.method = method
 
     def apply_chat_template(self, text: str) -> str:
@@ -462,37 +597,59 @@ class Runner:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.synchronize(index)
 
-    def _forward(self, ids, **kwargs):
-        """One recorded forward; returns (model output, prefill ms, attention ms, per-layer density, timings)."""
-        self.state.records = []
-        self.state.recording = True
+    def _forward(self, ids, cache=None):
+        """The recorded prefill of ``ids``: one forward per chunk of ``prefill_chunk`` tokens, through ``cache``
+        (a DynamicCache; made here when chunks need one, none for a single uncached forward).
+
+        Returns (logits of the last position [vocab], prefill ms, attention ms, per-layer density, timings):
+        the prefill time spans all chunks, attention and stage times are summed over chunks, and a head's
+        density is computed / visible block pairs over all its chunks' calls.
+        """
+        bounds = self.chunk_bounds(ids.shape[1])
+        if cache is None and len(bounds) > 1:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        kwargs = {"use_cache": False} if cache is None else {"use_cache": True, self._cache_kw: cache}
+        state = self.state
+        state.records = []
+        state.recording = state.prefilling = True
         self._sync()
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model(ids, logits_to_keep=1, **kwargs)
+                for a, b in bounds:
+                    out = self.model(ids[:, a:b], logits_to_keep=1, **kwargs)
             self._sync()
         finally:
-            self.state.recording = False
+            state.recording = state.prefilling = False
         prefill_ms = (time.perf_counter() - start) * 1000
-        attn_ms, density, timings = 0.0, [[1.0] * self.num_heads for _ in range(self.num_layers)], {}
-        for layer, t0, t1, dens, split in self.state.records:
+        attn_ms, timings = 0.0, {}
+        weighted: dict[int, list] = {}  # layer -> [sum of density x visible pairs, sum of visible pairs]
+        bq, bk = self.options.block_q, self.options.block_k
+        for layer, t0, t1, dens, split, lq, lk in state.records:
             attn_ms += _elapsed_ms(t0, t1)
             if dens is not None:
-                density[layer] = dens.float().cpu().tolist()
+                pairs = visible_block_pairs(lq, lk, bq, bk)
+                acc = weighted.setdefault(layer, [0.0, 0])
+                acc[0], acc[1] = acc[0] + dens.float().cpu() * pairs, acc[1] + pairs
             for name, ms in (split or {}).items():
                 timings[name] = timings.get(name, 0.0) + ms
-        self.state.records = []
-        return out, prefill_ms, attn_ms, density, timings
+        state.records = []
+        density = [[1.0] * self.num_heads for _ in range(self.num_layers)]
+        for layer, (total, pairs) in weighted.items():
+            density[layer] = (total / pairs).tolist()
+        return out.logits[0, -1], prefill_ms, attn_ms, density, timings
 
     def prefill(self, input_ids) -> PrefillResult:
-        """One forward over the prompt (no cache kept), timed and with the block density per layer and head."""
-        out, prefill_ms, attn_ms, density, timings = self._forward(self._ids(input_ids), use_cache=False)
-        return PrefillResult(prefill_ms, attn_ms, _mean(density), density, out.logits[0, -1].float().cpu(), timings)
+        """The prompt through the model (in chunks of ``prefill_chunk``; no cache kept), timed and with the block
+        density per layer and head."""
+        logits, prefill_ms, attn_ms, density, timings = self._forward(self._ids(input_ids))
+        return PrefillResult(prefill_ms, attn_ms, _mean(density), density, logits.float().cpu(), timings)
 
     def generate(self, input_ids, max_new_tokens: int, stop_on_newline: bool = False,
                  min_new_tokens: int = 0) -> GenerationResult:
-        """Greedy decoding: a recorded prefill, then dense decode steps over the KV cache.
+        """Greedy decoding: a recorded (chunked) prefill, then dense decode steps over the KV cache.
 
         Stops at an end-of-sequence token (or a newline with ``stop_on_newline``), never before
         ``min_new_tokens`` tokens.
@@ -503,7 +660,7 @@ class Runner:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        out, prefill_ms, attn_ms, density, timings = self._forward(ids, use_cache=True, **{self._cache_kw: cache})
+        logits, prefill_ms, attn_ms, density, timings = self._forward(ids, cache)
         stop = set(self._eos_ids())
         if stop_on_newline:
             stop.update(self.tokenizer.encode("\n", add_special_tokens=False)[-1:])
@@ -515,7 +672,7 @@ class Runner:
                 logits = logits.float().index_fill(0, blocked.to(logits.device), -math.inf)
             return int(logits.argmax())
 
-        token = pick(out.logits[0, -1])
+        token = pick(logits)
         with torch.inference_mode():
             while token not in stop:
                 new.append(token)

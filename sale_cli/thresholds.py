@@ -1,4 +1,8 @@
-"""Per-head threshold files: safetensors with ``thresholds`` float32 [num_layers, num_heads] and metadata."""
+"""Per-head threshold files: safetensors with ``thresholds`` float32 [num_layers, num_heads] and metadata.
+
+The metadata records the prefill chunk the calibration ran with (``prefill_chunk``, tokens, 0 = whole
+prompt); files written before chunking existed have none.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from sale_cli import __version__
 from sale_cli.options import SaleOptions
 
 REQUIRED_METADATA = ("model", "theta", "tau0", "samples", "tokens", "estimate", "quant_group", "block_q", "block_k",
-                     "local_window", "sink_tokens", "version")
+                     "local_window", "sink_tokens", "prefill_chunk", "version")
 
 
 def default_path(results_dir: str | os.PathLike, model_name: str, theta: float) -> Path:
@@ -20,14 +24,14 @@ def default_path(results_dir: str | os.PathLike, model_name: str, theta: float) 
 
 
 def save(path: str | os.PathLike, thresholds: torch.Tensor, *, model: str, theta: float, tau0: float, samples: int,
-         tokens: int, options: SaleOptions, extra: dict[str, str] | None = None) -> Path:
+         tokens: int, options: SaleOptions, prefill_chunk: int = 0, extra: dict[str, str] | None = None) -> Path:
     """Write the file atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": model, "theta": f"{theta:g}", "tau0": f"{tau0:g}", "samples": str(samples),
-            "tokens": str(tokens), "version": __version__, **options.metadata(), **(extra or {})}
+            "tokens": str(tokens), "prefill_chunk": str(prefill_chunk), "version": __version__, **options.metadata(), **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file({"thresholds": thresholds.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -67,3 +71,24 @@ def load(path: str | os.PathLike, *, num_layers: int | None = None, num_heads: i
             raise ValueError(f"{path} was calibrated with other op options than this run: {detail}. "
                              "Recalibrate or pass the file's options.")
     return tau, meta
+
+
+def recorded_chunk(meta: dict[str, str]) -> int | None:
+    """The prefill chunk a file was calibrated with (0 = whole prompt), None when the file does not say."""
+    value = meta.get("prefill_chunk")
+    return None if value is None else int(value)
+
+
+def chunk_mismatch(path, file_chunk: int | None, run_chunk: int) -> str | None:
+    """One line for a run whose prefill chunk differs from its thresholds file's, else None.
+
+    A warning rather than an error: with another chunking the op selects over the same keys and only the
+    smoothing means change, so the thresholds still fit; but the calibrated error bound was measured with the
+    file's chunking.
+    """
+    if file_chunk is None or file_chunk == run_chunk:
+        return None
+    def name(chunk: int) -> str:
+        return f"{chunk}" + (" (whole prompt)" if chunk == 0 else "")
+    return (f"warning: {path} was calibrated with --prefill-chunk {name(file_chunk)} but this run uses "
+            f"--prefill-chunk {name(run_chunk)}; pass --prefill-chunk {file_chunk} to match it, or recalibrate")

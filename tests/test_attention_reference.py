@@ -19,15 +19,19 @@ def rand_qkv(B, Hq, Hkv, L, d, dtype=torch.float32, seed=None, peaked=False):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def spec_blocks(L, bq, bk, sink, window):
-    """Causally visible and R key blocks per query block, written straight from the spec (loops)."""
-    nQ, nK = math.ceil(L / bq), math.ceil(L / bk)
+def spec_blocks(L, bq, bk, sink, window, Lk=None):
+    """Causally visible and R key blocks per query block, written straight from the spec (loops).
+
+    L query rows, the last L of ``Lk`` positions (default L: a whole prefill)."""
+    Lk = L if Lk is None else Lk
+    off = Lk - L
+    nQ, nK = math.ceil(L / bq), math.ceil(Lk / bk)
     vis = torch.zeros(nQ, nK, dtype=torch.bool)
     r = torch.zeros(nQ, nK, dtype=torch.bool)
     for qb in range(nQ):
-        first_key, last_key = qb * bq, min((qb + 1) * bq, L) - 1
+        first_key, last_key = qb * bq + off, min((qb + 1) * bq, L) - 1 + off
         for kb in range(nK):
-            keys = range(kb * bk, min((kb + 1) * bk, L))
+            keys = range(kb * bk, min((kb + 1) * bk, Lk))
             vis[qb, kb] = keys[0] <= last_key
             in_sink = any(j < sink for j in keys)
             in_local = any(first_key - window <= j <= last_key for j in keys)
@@ -193,7 +197,6 @@ def _bad_calls():
     yield "head dim", (torch.randn(1, 4, 64, 16), k, v, t), {}
     yield "same shape", (q, k, v[:, :, :32], t), {}
     yield "must not exceed", (torch.randn(1, 4, 80, 8), k, v, t), {}
-    yield "not supported yet", (q[:, :, :32], k, v, t), {}
     yield "thresholds must have shape [4]", (q, k, v, torch.zeros(2)), {}
     yield "thresholds must have shape [4]", (q, k, v, torch.zeros(2, 4)), {}
     yield "NaN", (q, k, v, torch.tensor([0.0, float("nan"), 0, 0])), {}
@@ -225,3 +228,177 @@ def test_device_mix_is_rejected():
     meta_k = k.to("meta")
     with pytest.raises(ValueError, match="one device"):
         sale_attention(q, meta_k, v, torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunks: Lq < Lk, the queries are the last Lq positions (bottom-right causal)
+
+
+def chunk_qkv(B, Hq, Hkv, Lq, Lk, d, dtype=torch.float32, seed=0):
+    """Peaked q [B,Hq,Lq,d] and k, v [B,Hkv,Lk,d]: the queries are the last Lq rows of a whole-length draw."""
+    q, k, v = rand_qkv(B, Hq, Hkv, Lk, d, seed=seed, peaked=True)
+    return q[:, :, Lk - Lq:].to(dtype), k.to(dtype), v.to(dtype)
+
+
+def bottom_right(Lq, Lk):
+    return torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+
+
+def expand_blocks(blocks, bq, bk, Lq, Lk):
+    return blocks.repeat_interleave(bq, -2)[..., :Lq, :].repeat_interleave(bk, -1)[..., :Lk]
+
+
+def oracle_quantize(x, qmax, group):
+    """float64 symmetric quantization of x [..., L, d] in groups of ``group`` rows (spec section 5.3)."""
+    amax = x.abs().amax(-1)
+    L = amax.shape[-1]
+    step = torch.stack([amax[..., i0:i0 + group].amax(-1) for i0 in range(0, L, group)], -1)
+    step = step.repeat_interleave(group, -1)[..., :L] / qmax
+    ints = torch.round(x / torch.where(step > 0, step, 1.0)[..., None]).clamp(-qmax, qmax)
+    return ints, step
+
+
+def oracle_sale(q, k, v, tau, *, bq=64, bk=32, sink=None, window=128, estimate="int8", quant_group="per_token",
+                dense_below=0):
+    """SALE of docs/SPEC.md in float64, written from the spec for any Lq <= Lk.
+
+    Returns (block map [B,Hq,nQ,nK], margin of each block's best candidate key to its row threshold (log units),
+    output over the returned map, lse)."""
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G, scale = Hq // Hkv, 1 / math.sqrt(d)
+    sink = bk if sink is None else sink
+    vis, r = spec_blocks(Lq, bq, bk, sink, window, Lk)
+    causal = bottom_right(Lq, Lk)
+    in_r = expand_blocks(r, bq, bk, Lq, Lk) & causal
+    qd, kd = q.double(), k.double()
+    ks = kd - kd.mean(2, keepdim=True)  # smoothed K: over all Lk keys
+    ks_q = ks.repeat_interleave(G, 1)
+    zs = scale * qd @ ks_q.transpose(-1, -2)  # smoothed logits: raw ones minus a per-row constant
+    if estimate == "none":
+        zhat = zs
+    else:
+        qmax = {"int8": 127, "int4": 7}[estimate]
+        q_mean = qd.mean(2, keepdim=True)  # over the call's Lq rows
+        q_int, q_step = oracle_quantize(qd - q_mean, qmax, bq if quant_group == "per_block" else 1)
+        k_int, k_step = oracle_quantize(ks, qmax, bk if quant_group == "per_block" else 1)
+        k_int, k_step = k_int.repeat_interleave(G, 1), k_step.repeat_interleave(G, 1)
+        shat = q_step[..., None] * k_step[..., None, :] * (q_int @ k_int.transpose(-1, -2))
+        zhat = scale * (shat + q_mean @ ks_q.transpose(-1, -2))
+    threshold = torch.logsumexp(zs.masked_fill(~in_r, -math.inf), -1, keepdim=True)  # m_i + ln l_i
+    log_tau = torch.log(torch.where(tau > 0, tau, 1.0).double()).view(1, Hq, 1, 1)
+    gap = (zhat - threshold - log_tau).masked_fill(~causal | in_r, -math.inf)
+    nQ, nK = vis.shape
+    pad = torch.nn.functional.pad(gap, (0, nK * bk - Lk, 0, nQ * bq - Lq), value=-math.inf)
+    best = pad.unflatten(3, (nK, bk)).unflatten(2, (nQ, bq)).amax(dim=(3, 5))
+    sel = ((best > 0) | r) & vis
+    dense = (tau.view(1, Hq, 1, 1) == 0) | (Lk <= dense_below)
+    sel = torch.where(dense, vis, sel)
+    out, lse = masked_attention64(q, k, v, expand_blocks(sel, bq, bk, Lq, Lk) & causal, scale)
+    return sel, best.abs(), out, lse
+
+
+@pytest.mark.parametrize(
+    "Lq,Lk,Hq,Hkv,d,dtype,estimate,quant_group",
+    [
+        (64, 2048, 4, 2, 32, torch.float32, "int8", "per_token"),
+        (1000, 2500, 4, 1, 64, torch.bfloat16, "int4", "per_block"),
+        (333, 1777, 2, 2, 16, torch.float16, "none", "per_token"),  # ragged both sides
+        (1, 1500, 4, 2, 32, torch.float32, "int8", "per_block"),  # one row, as a 1-token last chunk
+        (700, 700, 4, 2, 32, torch.float32, "int4", "per_token"),  # whole prefill, same oracle
+    ],
+)
+def test_chunks_match_the_float64_oracle(Lq, Lk, Hq, Hkv, d, dtype, estimate, quant_group):
+    q, k, v = chunk_qkv(1, Hq, Hkv, Lq, Lk, d, dtype, seed=Lq + Lk)
+    tau = torch.tensor([0.0, 0.003, 0.02, 0.2][:Hq]) if Hq == 4 else torch.tensor([0.05, 0.3])
+    res = sale_attention(q, k, v, tau, estimate=estimate, quant_group=quant_group, dense_below=0,
+                         return_block_map=True, return_lse=True)
+    want, margin, _, _ = oracle_sale(q, k, v, tau, estimate=estimate, quant_group=quant_group)
+    nQ, nK = math.ceil(Lq / 64), math.ceil(Lk / 32)
+    assert res.out.shape == q.shape and res.out.dtype == dtype and res.block_map.shape == (1, Hq, nQ, nK)
+    differ = res.block_map != want
+    assert not (differ & (margin > 1e-3)).any(), "block map differs from the oracle away from ties"
+    assert differ.sum() <= 2
+    if Lq > 64:
+        assert want[:, tau > 0].float().mean() < 0.9, "the case must exercise sparsity"
+    # the output and lse are exact attention over the blocks the op computed
+    causal = bottom_right(Lq, Lk)
+    ref, ref_lse = masked_attention64(q, k, v, expand_blocks(res.block_map, 64, 32, Lq, Lk) & causal, 1 / math.sqrt(d))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (res.out.double() - ref).abs().max() < tol
+    assert (res.lse.double() - ref_lse).abs().max() < 1e-4
+    vis, _ = spec_blocks(Lq, 64, 32, 0, 0, Lk)
+    density = (res.block_map & vis).sum(dim=(-1, -2)).float() / vis.sum()
+    assert torch.allclose(res.density, density)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_chunked_dense_equals_whole_dense(dtype, tol):
+    L, bounds = 2500, (0, 640, 1280, 2496, 2500)  # multiples of 64, then a ragged 4-row chunk
+    q, k, v = chunk_qkv(1, 4, 2, L, L, 32, dtype, seed=5)
+    tau = torch.zeros(4)
+    whole = sale_attention(q, k, v, tau, dense_below=0, return_lse=True)
+    parts = [sale_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], tau, dense_below=0, return_lse=True)
+             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    out = torch.cat([p.out for p in parts], 2)
+    lse = torch.cat([p.lse for p in parts], 2)
+    ref, ref_lse = masked_attention64(q, k, v, bottom_right(L, L), 1 / math.sqrt(32))
+    assert (out.double() - whole.out.double()).abs().max() < tol
+    assert (out.double() - ref).abs().max() < tol and (lse.double() - ref_lse).abs().max() < 1e-4
+    assert all(torch.equal(p.density, torch.ones(1, 4)) for p in parts)
+
+
+@pytest.mark.parametrize("estimate,tau_value", [("none", 0.01), ("none", 0.1), ("int8", 1e30), ("int4", 0.0)])
+def test_chunk_block_maps_equal_the_whole_call_rows(estimate, tau_value):
+    """Chunks cut at multiples of block_q select per query block over the same keys as one whole call; only the
+    smoothing means differ, and they do not matter for the exact estimate ('none': softmax is shift-invariant),
+    for R alone (huge tau) or for dense heads (tau 0)."""
+    L, bounds = 2200, (0, 1024, 1536, 2200)
+    q, k, v = chunk_qkv(1, 4, 2, L, L, 32, seed=9)
+    tau = torch.full((4,), tau_value)
+    kw = dict(estimate=estimate, dense_below=0, return_block_map=True)
+    whole = sale_attention(q, k, v, tau, **kw)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        part = sale_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], tau, **kw)
+        nkc = part.block_map.shape[-1]
+        rows = whole.block_map[:, :, a // 64:math.ceil(b / 64)]
+        assert torch.equal(part.block_map, rows[..., :nkc]), (a, b)
+        assert not rows[..., nkc:].any()
+    if estimate == "none":
+        assert whole.block_map.float().mean() < 0.9, "the case must exercise sparsity"
+
+
+def test_dense_below_counts_keys_not_queries():
+    q, k, v = chunk_qkv(1, 2, 1, 64, 1100, 32, seed=3)
+    tau = torch.full((2,), 0.5)
+    long = sale_attention(q, k, v, tau, dense_below=1024, return_density=True)
+    assert (long.density < 1).all(), "64 rows over 1100 keys stay sparse"
+    k, v = k[:, :, :1000], v[:, :, :1000]
+    short = sale_attention(q, k, v, tau, dense_below=1024, return_density=True, return_block_map=True)
+    assert torch.equal(short.density, torch.ones(1, 2))
+    vis, _ = spec_blocks(64, 64, 32, 0, 0, 1000)
+    assert torch.equal(short.block_map, vis.expand(1, 2, -1, -1))
+    ref, _ = masked_attention64(q, k, v, bottom_right(64, 1000), 1 / math.sqrt(32))
+    assert (short.out.double() - ref).abs().max() < 1e-5
+
+
+def test_more_queries_than_keys_is_an_error():
+    q, k, v = chunk_qkv(1, 2, 1, 64, 64, 16)
+    with pytest.raises(ValueError, match=r"q length \(64\) must not exceed k length \(32\)"):
+        sale_attention(q, k[:, :, :32], v[:, :, :32], torch.zeros(2))
+
+
+@pytest.mark.parametrize("Lq", [1, 100, 512])
+def test_causal_sdpa_is_bottom_right(Lq):
+    """The op's dense path (SDPA) for chunks: bottom-right, unlike SDPA's own is_causal (top-left)."""
+    from sale_cli.kernels.api import causal_sdpa
+
+    Lk = 777
+    q, k, v = chunk_qkv(1, 4, 2, Lq, Lk, 16, seed=Lq)
+    ref, _ = masked_attention64(q, k, v, bottom_right(Lq, Lk), 0.25)
+    got = causal_sdpa(q, k, v, 0.25)
+    assert (got.double() - ref).abs().max() < 1e-5
+    if Lq > 1:
+        top_left = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25,
+                                                                    enable_gqa=True)
+        assert (top_left.double() - ref).abs().max() > 1e-2, "the test must tell the two alignments apart"
