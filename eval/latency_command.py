@@ -166,6 +166,7 @@ def latency(
             device=device,
             device_map=device_map,
             random_weights=random_weights,
+            length=max(length_list),
         )
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

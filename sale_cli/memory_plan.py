@@ -359,15 +359,28 @@ def plan_memory(shape: ModelShape, *, dtype_bytes: int, length: int, method: str
             gpus = _split_layers(shape, dtype_bytes, layout, chunk=c, **kw)
             if gpus is not None:
                 return MemoryPlan(model, shape, dtype_bytes, length, method, c, gpus)
-    # nothing fits: show one GPU at the smallest chunk tried, and say how far off it is
-    c = chunks[-1]
-    one = gpu_plan(shape, dtype_bytes, 0, range(shape.num_layers), embedding=True, head=True, chunk=c,
-                   budget=budgets[0], **kw)
-    where = f"{len(budgets)} GPUs" if allow_spread and len(budgets) > 1 else "one GPU"
+    # nothing fits: show the last layout tried with its layers spread evenly at the smallest chunk, and how far off
+    c, layout = chunks[-1], layouts[-1]
+    gpus = even_split(shape, dtype_bytes, layout, chunk=c, **kw)
+    worst = max(gpus, key=lambda g: g.need - g.budget)
+    where = f"{len(layout)} GPUs" if len(layout) > 1 else "one GPU"
     reason = (f"{model or 'the model'} does not fit {where} at {length} tokens "
-              f"({'whole prompt' if c == 0 else f'prefill chunk {c}'}): it needs about {gib(one.need)} GiB on one "
-              f"GPU, {', '.join(gib(x) for x in budgets)} GiB usable")
-    return MemoryPlan(model, shape, dtype_bytes, length, method, c, [one], fits=False, reason=reason)
+              f"({'whole prompt' if c == 0 else f'prefill chunk {c}'}): GPU {worst.index} needs about "
+              f"{gib(worst.need)} GiB with headroom, {gib(worst.budget)} GiB usable")
+    return MemoryPlan(model, shape, dtype_bytes, length, method, c, gpus, fits=False, reason=reason)
+
+
+def even_split(s: ModelShape, b: int, budgets: list[int], *, length: int, chunk: int, method: str,
+               cached: bool = True, block_map: bool = False) -> list[GpuPlan]:
+    """The layers in equal runs over the GPUs (the first ones take the remainder), whether or not they fit."""
+    n_gpu, start, plans = len(budgets), 0, []
+    for i in range(n_gpu):
+        count = s.num_layers // n_gpu + (1 if i < s.num_layers % n_gpu else 0)
+        head = (i == 0) if s.tied else (i == n_gpu - 1)
+        plans.append(gpu_plan(s, b, i, range(start, start + count), embedding=i == 0, head=head, length=length,
+                              chunk=chunk, method=method, cached=cached, block_map=block_map, budget=budgets[i]))
+        start += count
+    return plans
 
 
 def gib(n: int) -> str:
@@ -461,3 +474,66 @@ def oom_message(tokens: int | None, chunk: int | None, gpus_in_use: int, where: 
     return (f"out of GPU memory{' ' + where if where else ''} at {tokens} prompt tokens (peak {peak}; prefill chunk "
             f"{chunk_text}): try a smaller --prefill-chunk, {more}or shorter prompts (--max-length, --length); "
             "`sale plan MODEL --length N` predicts what fits; finished predictions are kept, rerun to resume")
+
+
+# ---------------------------------------------------------------------------------------------- placement at load
+
+
+@dataclass
+class Placement:
+    """What load_runner does with a plan: an explicit device_map (None: one device) and the line saying so."""
+
+    plan: MemoryPlan
+    device_map: dict[str, int] | None = None
+    note: str | None = None
+
+
+def decide_placement(shape: ModelShape, *, dtype_bytes: int, length: int, method: str, budgets: list[int],
+                     world: int = 1, model: str = "") -> Placement:
+    """Placement of a model about to be loaded on GPUs with `budgets` usable bytes (under torchrun: this rank's
+    GPU only).
+
+    - One process, several GPUs: the model stays on one GPU when it fits there at `length` (with chunked prefill),
+      else its layers are spread over every GPU (the even split when even that is predicted not to fit: the
+      estimate may be pessimistic, and it is the best chance).
+    - Under torchrun (`world` > 1) every rank holds a whole model: UserError when it cannot fit one GPU.
+    """
+    from sale_cli.errors import UserError
+
+    one = plan_memory(shape, dtype_bytes=dtype_bytes, length=length, method=method, budgets=budgets[:1],
+                      model=model, allow_spread=False)
+    if one.fits:
+        return Placement(one)
+    if world > 1:
+        raise UserError(f"{one.reason}. Under torchrun every process holds the whole model: run one process "
+                        "instead (no torchrun, NPROC=1) and the layers are spread over the GPUs, or pass a shorter "
+                        "--max-length")
+    if len(budgets) == 1:
+        return Placement(one, note=f"warning: {one.reason}; trying anyway")
+    spread = plan_memory(shape, dtype_bytes=dtype_bytes, length=length, method=method, budgets=budgets,
+                         model=model)
+    layers = "/".join(str(n) for n in spread.layers_per_gpu)
+    note = (f"{model or 'the model'} needs about {gib(one.gpus[0].need)} GiB at {length} tokens, more than one "
+            f"GPU's {gib(budgets[0])} GiB: its layers are spread over {len(spread.gpus)} GPUs ({layers})")
+    if not spread.fits:
+        note += f" (warning: {spread.reason})"
+    return Placement(spread, spread.device_map(), note)
+
+
+def placement_for_load(config, *, dtype_bytes: int, length: int | None, method: str, device: str,
+                       model: str = "") -> Placement | None:
+    """decide_placement for load_runner on the visible GPUs: all of them in one process, this rank's under
+    torchrun; None when `device` is not a CUDA device or no length is known."""
+    if not device.startswith("cuda") or not visible_gpus():
+        return None
+    shape = ModelShape.from_config(config)
+    length = length or shape.max_context
+    if not length:
+        return None
+    free = free_memory()
+    world = world_size()
+    if world > 1 or ":" in device:  # one given GPU: plan for it alone
+        index = int(device.split(":")[1]) if ":" in device else 0
+        free = free[index:index + 1]
+    return decide_placement(shape, dtype_bytes=dtype_bytes, length=length, method=method, budgets=free,
+                            world=world, model=model)
