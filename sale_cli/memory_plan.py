@@ -180,10 +180,11 @@ def layer_stage_bytes(s: ModelShape, b: int, a: int, length: int, method: str, c
     return stages
 
 
-def held_bytes(s: ModelShape, b: int, a: int, *, embedding: bool) -> int:
-    """Held through a forward on a GPU with layers: cos/sin [a, d] and the int64 input ids, position ids and
-    cache positions; on the embedding's GPU also the embedding output (the model keeps `inputs_embeds`)."""
-    return 2 * a * s.head_dim * b + 3 * a * 8 + (a * s.hidden * b if embedding else 0)
+def held_bytes(s: ModelShape, b: int, a: int, length: int, *, embedding: bool) -> int:
+    """Held through a forward on a GPU with layers: cos/sin [a, d], int64 ids and positions over the chunk and
+    one int64 vector over the keys (seen on the CPU); on the embedding's GPU also the embedding output (the model
+    keeps `inputs_embeds` to the end)."""
+    return 2 * a * s.head_dim * b + 3 * a * 8 + 8 * length + (a * s.hidden * b if embedding else 0)
 
 
 def final_stage_bytes(s: ModelShape, b: int, a: int) -> int:
@@ -239,9 +240,9 @@ def gpu_plan(s: ModelShape, b: int, index: int, layers: range, *, embedding: boo
     act = 0
     if len(layers):
         act = max(layer_stage_bytes(s, b, a, length, method, cached, block_map).values())
-        act += held_bytes(s, b, a, embedding=embedding)
+        act += held_bytes(s, b, a, length, embedding=embedding)
     if head:
-        act = max(act, final_stage_bytes(s, b, a) + held_bytes(s, b, a, embedding=embedding))
+        act = max(act, final_stage_bytes(s, b, a) + held_bytes(s, b, a, length, embedding=embedding))
     return GpuPlan(index, layers, embedding, head, weights, kv, act, budget)
 
 
