@@ -322,3 +322,57 @@ def test_latency_records_and_table_show_peaks_per_gpu():
     console = Console(record=True, width=250)
     console.print(niah.latency_table([rec], env))
     assert "2.0/3.0" in console.export_text()
+
+
+# ---------------------------------------------------------------------------------------------- load_runner
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _mock_gpus(monkeypatch, count, gib, world=None):
+    monkeypatch.setattr(mp, "visible_gpus", lambda: count)
+    monkeypatch.setattr(mp, "free_memory", lambda: [gib * GiB] * count)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+def test_load_runner_spreads_a_model_that_does_not_fit_one_gpu(monkeypatch, llama8b, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sale_cli.runner import load_runner
+
+    seen = {}
+
+    def fake_from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        raise _Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    _mock_gpus(monkeypatch, 4, 22)
+    with pytest.raises(_Loaded):
+        load_runner(str(llama8b), device="cuda", dtype="bfloat16", length=131072)
+    dm = seen["device_map"]
+    assert isinstance(dm, dict) and dm["model.layers.0"] == 0 and dm["model.layers.31"] == 3 and dm["lm_head"] == 3
+    assert "spread over 4 GPUs (8/8/8/8)" in capsys.readouterr().err
+    # fits one GPU at 8K tokens: no map, nothing said
+    seen.clear()
+    with pytest.raises(_Loaded):
+        load_runner(str(llama8b), device="cuda", dtype="bfloat16", length=8192)
+    assert seen["device_map"] is None and "spread" not in capsys.readouterr().err
+    # an explicit device_map is the user's choice
+    seen.clear()
+    with pytest.raises(_Loaded):
+        load_runner(str(llama8b), device="cuda", dtype="bfloat16", device_map="auto")
+    assert seen["device_map"] == "auto"
+
+
+def test_load_runner_under_torchrun_fails_before_loading_weights(monkeypatch, llama8b):
+    from sale_cli.runner import load_runner
+
+    _mock_gpus(monkeypatch, 4, 22, world=4)
+    with pytest.raises(UserError, match="torchrun.*one process"):
+        load_runner(str(llama8b), device="cuda:1", dtype="bfloat16")  # --length default: the model's 128K
