@@ -538,3 +538,20 @@ def placement_for_load(config, *, dtype_bytes: int, length: int | None, method: 
         free = free[index:index + 1]
     return decide_placement(shape, dtype_bytes=dtype_bytes, length=length, method=method, budgets=free,
                             world=world, model=model)
+
+
+def choose_chunk(config, *, dtype_bytes: int, length: int, method: str, budgets: list[int] | None = None) -> int:
+    """The prefill chunk for a model on one GPU (for runner.default_prefill_chunk): the plan's choice with
+    `budgets` (default: the first visible GPU's free memory); 0 (whole prompt) without a GPU; CHUNK_CAP when
+    nothing fits (the out-of-memory message then says what to change). A model spread over GPUs by load_runner
+    has its chunk in ``runner.memory_plan.chunk``."""
+    if budgets is None:
+        budgets = free_memory()[:1]
+    if not budgets:
+        return 0
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    plan = plan_memory(shape, dtype_bytes=dtype_bytes, length=length, method=method, budgets=budgets[:1],
+                       allow_spread=False)
+    if plan.fits:
+        return plan.chunk
+    return CHUNK_CAP if length > CHUNK_CAP else 0

@@ -376,3 +376,14 @@ def test_load_runner_under_torchrun_fails_before_loading_weights(monkeypatch, ll
     _mock_gpus(monkeypatch, 4, 22, world=4)
     with pytest.raises(UserError, match="torchrun.*one process"):
         load_runner(str(llama8b), device="cuda:1", dtype="bfloat16")  # --length default: the model's 128K
+
+
+def test_choose_chunk(llama8b, monkeypatch):
+    cfg = mp.load_config(str(llama8b))
+    kw = dict(dtype_bytes=2, length=131072, method="sale")
+    assert mp.choose_chunk(cfg, budgets=[200 * GiB], **kw) == 0
+    assert mp.choose_chunk(cfg, budgets=[40 * GiB], **kw) == mp.CHUNK_CAP
+    assert 0 < mp.choose_chunk(cfg, budgets=[33.9 * GiB], **kw) < mp.CHUNK_CAP
+    assert mp.choose_chunk(cfg, budgets=[10 * GiB], **kw) == mp.CHUNK_CAP  # nothing fits
+    monkeypatch.setattr(mp, "free_memory", lambda: [])
+    assert mp.choose_chunk(cfg, **kw) == 0  # no GPU
