@@ -30,8 +30,10 @@ lint: $(STAMP)
 demo: $(STAMP)  ## the main job on the demo model: calibrate, then passkey retrieval dense vs SALE
 	sale demo
 
-# LongBench / InfiniteBench: SALE at THETA (THETA= runs dense); NPROC>1 shards samples over GPUs with torchrun;
-# ARGS passes more options (e.g. ARGS="--limit 20").
+# LongBench / InfiniteBench: SALE at THETA (THETA= runs dense); ARGS passes more options (e.g. ARGS="--limit 20").
+# NPROC=1 (default): one process; a model that does not fit one GPU at its context length is spread over all
+# visible GPUs (`sale plan MODEL` shows the placement). NPROC>1 shards samples over GPUs with torchrun, each
+# process holding the whole model (refused up front when it cannot fit one GPU).
 NPROC ?= 1
 ARGS ?=
 SALE_RUN = $(if $(filter-out 1,$(NPROC)),torchrun --nproc-per-node $(NPROC) $$(command -v sale),sale)

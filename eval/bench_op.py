@@ -185,6 +185,9 @@ class CudaTimer:
 
     device = "cuda"
 
+    def __init__(self):
+        self.run_peaks: dict[int, tuple[int, int]] = {}  # GPU -> highest (allocated, reserved) bytes seen
+
     def elapsed_ms(self, fn: Callable[[], Any]) -> float:
         import torch
 
@@ -204,7 +207,19 @@ class CudaTimer:
         torch.cuda.reset_peak_memory_stats()
         result = fn()
         torch.cuda.synchronize()
-        return result, (torch.cuda.max_memory_allocated() - before) / 2**20
+        peak, gpu = torch.cuda.max_memory_allocated(), torch.cuda.current_device()
+        seen = self.run_peaks.get(gpu, (0, 0))
+        self.run_peaks[gpu] = (max(seen[0], peak), max(seen[1], torch.cuda.max_memory_reserved()))
+        return result, (peak - before) / 2**20
+
+    def memory(self) -> list[dict]:
+        """Per GPU used so far: its total and the highest allocated/reserved MiB at the measured calls."""
+        import torch
+
+        return [{"gpu": gpu, "name": torch.cuda.get_device_name(gpu),
+                 "total_mib": round(torch.cuda.get_device_properties(gpu).total_memory / 2**20, 1),
+                 "peak_allocated_mib": round(alloc / 2**20, 1), "peak_reserved_mib": round(reserved / 2**20, 1)}
+                for gpu, (alloc, reserved) in sorted(self.run_peaks.items())]
 
     def free(self) -> None:
         import gc
@@ -457,7 +472,8 @@ def run_bench(cfg: BenchConfig, ops: Ops, timer, console: Console, path: Path, p
         title = (f"bench-op · {_tokens(length)} tokens · {payload['environment']['device']} · B=1, "
                  f"{cfg.heads} q / {cfg.kv_heads} kv heads, d {cfg.head_dim}, {cfg.dtype}, causal")
         console.print(bench_table([r for r in rows if r["length"] == length], title))
-        atomic_write_json(path, {**payload, "rows": rows})
+        memory = {"memory": timer.memory()} if hasattr(timer, "memory") else {}  # peak per GPU, whole run
+        atomic_write_json(path, {**payload, "rows": rows, **memory})
     return rows
 
 

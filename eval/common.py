@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -452,11 +453,29 @@ def generate_all(runner, samples: list[dict], key: str, out: PredictionFile, pre
     append = out.writer(rank, world)
     for sample in track(todo, description=f"{label} (rank {rank})" if world > 1 else label, disable=not todo):
         p = prepare(sample)
-        res = runner.generate(p.input_ids, p.max_new_tokens, stop_on_newline=p.stop_on_newline,
-                              min_new_tokens=p.min_new_tokens)
+        with oom_as_user_error(runner, len(p.input_ids), f"in {label}, {key} {sample[key]!r}"):  # records kept
+            res = runner.generate(p.input_ids, p.max_new_tokens, stop_on_newline=p.stop_on_newline,
+                                  min_new_tokens=p.min_new_tokens)
         rec = record(sample, res)
         rec.update(input_tokens=res.input_tokens, attn_ms=res.attn_ms, density=res.density)
         append(rec)
+
+
+@contextlib.contextmanager
+def oom_as_user_error(runner, tokens: int, where: str):
+    """Turn a CUDA out of memory inside the block into a UserError of one line: the peak per GPU, the prefill
+    chunk and what to change."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        from sale_cli.errors import UserError
+        from sale_cli.memory_plan import oom_message
+
+        plan = getattr(runner, "memory_plan", None)
+        gpus = len(plan.gpus) if plan is not None else 1
+        raise UserError(oom_message(tokens, getattr(runner, "prefill_chunk", None), gpus, where)) from exc
 
 
 def prompt_budget(runner, max_length: int | None, max_new_tokens: int, chat: bool, option: str) -> int:

@@ -199,6 +199,7 @@ def latency(
             device_map=device_map,
             random_weights=random_weights,
             prefill_chunk=prefill_chunk,
+            length=max(length_list),
         )
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

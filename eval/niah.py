@@ -214,6 +214,7 @@ class Measurement:
     samples: list[Sample] = field(default_factory=list)
     answer: str | None = None
     needle_found: bool | None = None
+    peaks: list[dict] = field(default_factory=list)  # per GPU: peak allocated/reserved MiB over these prefills
 
 
 def run_benchmark(
@@ -235,6 +236,9 @@ def run_benchmark(
     """
     import torch
 
+    from sale_cli.eval.common import oom_as_user_error
+    from sale_cli.memory_plan import measured_peaks, reset_peaks
+
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -249,31 +253,34 @@ def run_benchmark(
             for method in methods if i % 2 == 0 else methods[::-1]:
                 _use(runner, method)
                 measurement = found[(method, n)]
-                for step in range(warmup + repeats):
-                    stage = "warm-up" if step < warmup else f"repeat {step - warmup + 1}/{repeats}"
-                    progress.update(task, description=f"{n} tokens · {method} · {stage}")
-                    res = runner.prefill(input_ids)
-                    if step >= warmup:
-                        measurement.samples.append(
-                            Sample(res.prefill_ms, res.attn_ms, res.density, dict(res.timings))
-                        )
-                    progress.advance(task)
-                if method == "sale" and runner.sale_backend == "cuda":
-                    # one more prefill for the quant/select/compute split: the kernel synchronizes after each
-                    # stage then, so these times stay out of the timed repeats
-                    runner.state.stage_timings = True
-                    try:
-                        split = runner.prefill(input_ids).timings
-                    finally:
-                        runner.state.stage_timings = False
-                    for sample in measurement.samples:
-                        sample.timings.update(split)
-                if answer_tokens > 0:
-                    progress.update(task, description=f"{n} tokens · {method} · answer")
-                    out = runner.generate(input_ids, max_new_tokens=answer_tokens)
-                    measurement.answer = out.text
-                    measurement.needle_found = needle_recovered(out.text, expect)
-                    progress.advance(task)
+                reset_peaks()
+                with oom_as_user_error(runner, n, f"in the {method} prefill"):
+                    for step in range(warmup + repeats):
+                        stage = "warm-up" if step < warmup else f"repeat {step - warmup + 1}/{repeats}"
+                        progress.update(task, description=f"{n} tokens · {method} · {stage}")
+                        res = runner.prefill(input_ids)
+                        if step >= warmup:
+                            measurement.samples.append(
+                                Sample(res.prefill_ms, res.attn_ms, res.density, dict(res.timings))
+                            )
+                        progress.advance(task)
+                    if method == "sale" and runner.sale_backend == "cuda":
+                        # one more prefill for the quant/select/compute split: the kernel synchronizes after each
+                        # stage then, so these times stay out of the timed repeats
+                        runner.state.stage_timings = True
+                        try:
+                            split = runner.prefill(input_ids).timings
+                        finally:
+                            runner.state.stage_timings = False
+                        for sample in measurement.samples:
+                            sample.timings.update(split)
+                    if answer_tokens > 0:
+                        progress.update(task, description=f"{n} tokens · {method} · answer")
+                        out = runner.generate(input_ids, max_new_tokens=answer_tokens)
+                        measurement.answer = out.text
+                        measurement.needle_found = needle_recovered(out.text, expect)
+                        progress.advance(task)
+                measurement.peaks = measured_peaks()
     return list(found.values())
 
 
@@ -357,6 +364,9 @@ def summarize(
                 "haystack_copies": prompt.haystack_copies,
                 "answer": m.answer,
                 "needle_found": m.needle_found,
+                "peak_mib": max((p["peak_allocated_mib"] for p in m.peaks), default=None),
+                "peak_mib_per_gpu": [p["peak_allocated_mib"] for p in m.peaks] or None,
+                "peak_reserved_mib_per_gpu": [p["peak_reserved_mib"] for p in m.peaks] or None,
             }
         )
     dense = {r["length"]: r for r in records if r["method"] == "dense"}
@@ -407,6 +417,9 @@ def latency_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> Tab
         "Overhead\n%",
     ):
         table.add_column(name, justify="right")
+    peaks = any(r.get("peak_mib_per_gpu") for r in records)
+    if peaks:
+        table.add_column("Peak GiB\nper GPU", justify="right")
     if answers:
         table.add_column("Needle", justify="center")
     for r in sorted(records, key=lambda r: (r["length"], methods.index(r["method"]))):
@@ -420,6 +433,8 @@ def latency_table(records: Sequence[dict[str, Any]], env: dict[str, Any]) -> Tab
             _fmt(r["density"], ".3f"),
             _fmt(r["overhead_pct"], ".1f"),
         ]
+        if peaks:
+            row.append("/".join(f"{x / 1024:.1f}" for x in r.get("peak_mib_per_gpu") or []) or "-")
         if answers:
             row.append({True: "[green]found[/]", False: "[red]missed[/]", None: "-"}[r["needle_found"]])
         table.add_row(*row)

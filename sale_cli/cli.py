@@ -95,6 +95,8 @@ def info():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             table.add_row(f"GPU {i}", f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+            free, total = torch.cuda.mem_get_info(i)
+            table.add_row(f"GPU {i} memory", f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     else:
         table.add_row("GPUs", "none visible")
     backends = available_backends()
@@ -211,8 +213,9 @@ def _register_tasks():
     from sale_cli.eval.bench_op import bench_op
     from sale_cli.eval.commands import infinitebench, longbench, summarize
     from sale_cli.eval.latency_command import latency
+    from sale_cli.plan_command import plan
 
-    for fn in (latency, bench_op, longbench, infinitebench, summarize):
+    for fn in (latency, bench_op, longbench, infinitebench, summarize, plan):
         app.command()(fn)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -407,12 +408,16 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
                 theta: float | None = None, results_dir: str | os.PathLike = "results",
                 options: SaleOptions | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
                 device_map: str | None = None, random_weights: bool = False,
-                prefill_chunk: int | None = None) -> Runner:
+                prefill_chunk: int | None = None, length: int | None = None) -> Runner:
     """Load a model (alias, HF id, local directory or .gguf) with the "sale" attention registered.
 
     ``random_weights`` builds the architecture from the config alone (for timing without a checkpoint).
     Without ``options``, a thresholds file's recorded op options are adopted. ``prefill_chunk``: tokens per
-    prefill chunk (a multiple of 64, 0 = whole prompt); None picks :func:`resolve_prefill_chunk`'s default.
+    prefill chunk (a multiple of 64, 0 = whole prompt); None takes the memory plan's chunk (CUDA), else
+    :func:`resolve_prefill_chunk`'s default.
+    On CUDA, ``runner.memory_plan`` is the memory plan at ``length`` tokens (default: the model's context): with
+    several visible GPUs, one process and no ``device_map``, a model that does not fit one GPU at that length is
+    spread over them; under torchrun such a model is a UserError before any weight is read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -429,6 +434,11 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
     try:
         with demo_model.quiet_loading("gguf_file" in extra):  # the GGUF conversion bar would print every time
             tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            placement = None
+            if device_map is None:
+                placement = _placement(AutoConfig.from_pretrained(source, **extra), torch_dtype, length, method,
+                                       device, name, random_weights)
+                device_map = placement.device_map if placement else None
             if random_weights:
                 config = AutoConfig.from_pretrained(source, **extra)
                 with torch.device(device):
@@ -450,11 +460,27 @@ def load_runner(model: str = demo_model.ALIAS, *, method: str = "dense", thresho
         loaded.to(device)
     loaded.eval()
     runner = Runner(loaded, tokenizer, name, options or SaleOptions())
+    runner.memory_plan = placement.plan if placement else None
     runner.adopt_file_options = options is None
+    if prefill_chunk is None and runner.memory_plan is not None:
+        prefill_chunk = runner.memory_plan.chunk  # the chunk that fits at `length`
     runner.set_prefill_chunk(resolve_prefill_chunk(prefill_chunk, config=loaded.config, dtype=runner.dtype,
                                                    devices=runner.devices))
     runner.set_method(method, thresholds, theta=theta, results_dir=results_dir)
     return runner
+
+
+def _placement(config, torch_dtype, length, method, device, name, random_weights):
+    """The memory plan's placement on CUDA (None elsewhere); says in one line when the layers are spread."""
+    from sale_cli import memory_plan
+
+    placement = memory_plan.placement_for_load(config, dtype_bytes=torch_dtype.itemsize, length=length,
+                                               method=method, device=device, model=name)
+    if placement is not None and placement.device_map is not None and random_weights:
+        placement.device_map, placement.note = None, "random weights: built on one GPU although " + placement.note
+    if placement is not None and placement.note:
+        print(f"sale: {placement.note}", file=sys.stderr)
+    return placement
 
 
 # ----------------------------------------------------------------------------------------------------------------
