@@ -86,6 +86,13 @@ def calibrate(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
     device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = "auto",
     device_map: Annotated[str | None, typer.Option(help="'auto' spreads the model over all GPUs (accelerate).")] = None,
+    data: Annotated[str, typer.Option(help="Calibration text: kv, prose, code, mix (cycles the three) or a .txt/.jsonl "
+                                           "file or folder (jsonl: a \"text\" field per line).")] = "mix",
+    margin: Annotated[float, typer.Option(help="Fit each head against theta*(1-margin), headroom for unseen text.")] = 0.25,
+    validate: Annotated[int | None, typer.Option(help="After calibrating, check N held-out samples of each kind "
+                                                      "(kv, prose, code).")] = None,
+    check: Annotated[Path | None, typer.Option(help="Only run the held-out check of this thresholds file "
+                                                    "(--validate N samples per kind, default 3).")] = None,
 ):
     """Calibrate per-head SALE thresholds (halving search from tau0 until each head's error is below theta).
 
@@ -93,20 +100,47 @@ def calibrate(
     """
     from sale_cli import calibrate as calib
     from sale_cli import demo_model, thresholds
+    from sale_cli.errors import UserError
     from sale_cli.runner import load_runner
 
+    if validate is not None and validate < 1:
+        raise UserError(f"--validate must be >= 1, got {validate}")
+    if check is not None and not check.is_file():
+        raise UserError(f"--check {check}: no such thresholds file")
     demo = model == demo_model.ALIAS
     samples = samples or (calib.DEMO_SAMPLES if demo else calib.PAPER_SAMPLES)
-    tokens = tokens or (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
     options = _options(block_q, block_k, sink_tokens, local_window, estimate, quant_group, backend)
+    if check is None:
+        from sale_cli.data.calibration import CalibrationData
+
+        CalibrationData(data)  # a bad --data fails before the model loads
+    else:
+        _, meta = thresholds.load(check)
+        tokens = tokens or int(meta.get("tokens", 0)) or None
+        options = None if "block_q" in meta else options  # the file's options, adopted by the runner
+    tokens = tokens or (calib.DEMO_TOKENS if demo else calib.PAPER_TOKENS)
     with console.status(f"loading {model}"):
         runner = load_runner(model, options=options, dtype=dtype, device=device, device_map=device_map)
-    out = out or thresholds.default_path(results_dir, runner.model_name, theta)
-    console.print(f"Calibrating {runner.model_name}: theta={theta:g}, {samples} samples x {tokens} tokens, "
-                  f"SALE backend {runner.sale_backend}, estimate {options.estimate}")
-    tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, console=console)
-    console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
-    console.print(f"Wrote {out}")
+    if check is not None:
+        runner.set_method("sale", check)
+        tau, meta = thresholds.load(check)
+        theta = float(meta.get("theta", theta))
+        out = check
+    else:
+        out = out or thresholds.default_path(results_dir, runner.model_name, theta)
+        console.print(f"Calibrating {runner.model_name}: theta={theta:g}, {samples} samples x {tokens} tokens "
+                      f"(data {data}, margin {margin:g}), SALE backend {runner.sale_backend}, "
+                      f"estimate {runner.options.estimate}")
+        tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, data=data,
+                                       margin=margin, console=console)
+        console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
+        console.print(f"Wrote {out}")
+    if check is not None or validate is not None:
+        per_kind = validate or calib.VALIDATE_PER_KIND
+        console.print(f"Held-out check: {per_kind} samples x {tokens} tokens of each kind")
+        report = calib.check(runner, tau, theta, tokens=tokens, per_kind=per_kind, thresholds_path=out, console=console)
+        console.print(calib.check_table(report, f"{runner.model_name}, {out.name}: held-out check"))
+        console.print(f"Wrote {calib.check_path(out)}")
 
 
 @app.command()
