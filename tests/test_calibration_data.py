@@ -161,8 +161,8 @@ def _oracle_errors(runner, tau, ids):
 
 
 def test_mix_calibration_meets_the_margin_and_records_its_data(runner, tmp_path):
-    theta, margin = 0.2, 0.25
-    out = tmp_path / "theta_0.2.safetensors"
+    theta, margin = 0.02, 0.25
+    out = tmp_path / "theta_0.02.safetensors"
     tau, _ = calib.calibrate(runner, theta, samples=3, tokens=500, out=out, tau0=0.64, data="mix", margin=margin,
                              progress=False)
     loaded, meta = thresholds_io.load(out, num_layers=2, num_heads=4, options=runner.options)
