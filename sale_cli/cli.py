@@ -71,7 +71,7 @@ def _options(block_q: int, block_k: int, sink_tokens: int | None, local_window: 
 def calibrate(
     model: Annotated[str, typer.Argument(help="HF id, local directory, .gguf file or the demo alias.")] = "smollm2-135m",
     theta: Annotated[float, typer.Option(help="Error bound per head: mean L1 error of a head's output per row.")] = 0.4,
-    samples: Annotated[int | None, typer.Option(help="Calibration samples \\[default: 5; demo model: 2].")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration samples \\[default: 6; demo model: 3].")] = None,
     tokens: Annotated[int | None, typer.Option(help="Tokens per sample \\[default: 120000; demo model: 2048].")] = None,
     tau0: Annotated[float, typer.Option(help="Starting tau of every head (halved while the error is too large).")] = 0.008,
     out: Annotated[Path | None, typer.Option(help="Output file \\[default: RESULTS_DIR/calibration/<model>/theta_<theta>.safetensors].")] = None,
