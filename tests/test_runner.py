@@ -116,7 +116,8 @@ def test_calibration_ladder_monotone_and_error_bound(tiny_dir, tmp_path):
     tau0 = 0.64  # random tiny models attend diffusely: start high enough that tau matters
     for theta in (0.01, 0.2):
         out = tmp_path / f"t{theta}.safetensors"
-        tau, density = calibrate(runner, theta, samples=2, tokens=600, out=out, tau0=tau0, progress=False)
+        tau, density = calibrate(runner, theta, samples=2, tokens=600, out=out, tau0=tau0, data="kv",
+                               progress=False)
         results[theta] = tau
         loaded, meta = thresholds_io.load(out, num_layers=2, num_heads=4, options=runner.options)
         assert torch.equal(loaded, tau) and meta["theta"] == f"{theta:g}" and meta["samples"] == "2"
