@@ -76,10 +76,12 @@ def _sdpa(q, k, v, scale, backend: str | None, repeat_kv: bool):
 
     Lq, Lk = q.shape[2], k.shape[2]
     G = q.shape[1] // k.shape[1]
+    if backend == "SPLIT" and 1 < Lq < Lk:
+        return _split_cudnn(q, k, v, scale)
     if repeat_kv and G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     mask, causal, variant = None, Lq > 1, backend
-    if backend in ("LOWER_RIGHT", "MASK"):
+    if backend in ("LOWER_RIGHT", "MASK", "SPLIT"):
         backend = None
     if 1 < Lq < Lk:  # a chunk: SDPA's is_causal would align the mask top-left
         mask = causal_lower_right(Lq, Lk) if variant == "LOWER_RIGHT" else bottom_right_mask(Lq, Lk, q.device)
@@ -89,6 +91,26 @@ def _sdpa(q, k, v, scale, backend: str | None, repeat_kv: bool):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel([getattr(SDPBackend, backend)]):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _split_cudnn(q, k, v, scale):
+    """A chunk (1 < Lq < Lk) as two cuDNN attention calls merged by their log-sum-exp: every row sees all of the
+    prefix [0, Lk - Lq) (no mask) and the last Lq keys causally (a square call, where top-left is bottom-right).
+    cuDNN takes no bottom-right mask, and the lower-right bias runs the slower flash kernel on Hopper. Private
+    aten op: the chunk probe checks its output against the explicit mask before it is ever used."""
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    B, H, Lq, _ = q.shape
+    off, G = k.shape[2] - Lq, H // k.shape[1]
+    parts = []
+    for keys, values, causal in ((k[:, :, :off], v[:, :, :off], False), (k[:, :, off:], v[:, :, off:], True)):
+        if G > 1:
+            keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
+        out, lse = op(q, keys.contiguous(), values.contiguous(), None, True, 0.0, causal, False, scale=scale)[:2]
+        parts.append((out.float(), lse.float().reshape(B, H, Lq, 1)))
+    (o1, l1), (o2, l2) = parts
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)
 
 
 def _time_ms(fn, device) -> float:
@@ -129,30 +151,30 @@ def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _probe_chunk(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
-    """The fastest correct bottom-right variant for a chunk (1K queries over 4K keys): torch's lower-right
-    causal bias (with or without repeated K/V) or an explicit mask; checked against the mask's output, since a
-    fused kernel may take the bias but mishandle a GQA layout."""
+    """The fastest correct bottom-right variant for a chunk (2K queries over 16K keys): torch's lower-right
+    causal bias (with or without repeated K/V), two cuDNN calls merged (``_split_cudnn``) or an explicit mask;
+    each checked against the mask's output, since a fused kernel may take the bias but mishandle a GQA layout."""
     key = ("chunk", hq, hkv, d, dtype, device)
     if key in _DENSE_CHOICE:
         return _DENSE_CHOICE[key]
     if device.type != "cuda":
         _DENSE_CHOICE[key] = ("MASK", False)
         return _DENSE_CHOICE[key]
-    q = torch.randn(1, hq, 1024, d, device=device, dtype=dtype)
-    k = torch.randn(1, hkv, 4096, d, device=device, dtype=dtype)
+    q = torch.randn(1, hq, 2048, d, device=device, dtype=dtype)
+    k = torch.randn(1, hkv, 16384, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
     want = _sdpa(q, k, v, None, "MASK", False).float()
     best, best_ms = ("MASK", False), _time_ms(lambda: _sdpa(q, k, v, None, "MASK", False), device)
-    for repeat_kv in (False, True):
+    for variant, repeat_kv in (("LOWER_RIGHT", False), ("LOWER_RIGHT", True), ("SPLIT", False)):
         try:
-            got = _sdpa(q, k, v, None, "LOWER_RIGHT", repeat_kv).float()
+            got = _sdpa(q, k, v, None, variant, repeat_kv).float()
             if (got - want).abs().max().item() > 2e-2:
                 continue
-            ms = _time_ms(lambda r=repeat_kv: _sdpa(q, k, v, None, "LOWER_RIGHT", r), device)
-        except RuntimeError:
+            ms = _time_ms(lambda b=variant, r=repeat_kv: _sdpa(q, k, v, None, b, r), device)
+        except (RuntimeError, AttributeError, TypeError):  # a backend or the private op not usable here
             continue
         if ms < best_ms:
-            best, best_ms = ("LOWER_RIGHT", repeat_kv), ms
+            best, best_ms = (variant, repeat_kv), ms
     _DENSE_CHOICE[key] = best
     return best
 

@@ -159,6 +159,8 @@ def test_demo_model_on_a_gpu_runs_the_cuda_kernel():
     from sale_cli.demo import where
     from sale_cli.runner import load_runner
 
+    if demo_model.cached_path() is None:
+        pytest.skip("the demo model is not fetched here (no package index reachable)")
     runner = load_runner(demo_model.ALIAS)  # what `sale demo` loads: device auto
     assert runner.device.type == "cuda" and runner.sale_backend == "cuda"
     assert where(runner).endswith("(cuda:0)")
