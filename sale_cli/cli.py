@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -69,6 +70,10 @@ def _global_options(
 
 def main() -> None:
     """The `sale` console entry point."""
+    # Chunked prefill allocates blocks of ever-growing sizes (the KV prefix, per-chunk workspaces): without
+    # expandable segments the caching allocator fragments, and a 32-layer 128K SALE prefill that needs 32.8 GiB
+    # ran out of memory under a 44 GiB cap on an H200 (it fits with them). Set before torch initializes CUDA.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     app()
 
 
