@@ -116,14 +116,29 @@ def kv_bytes_per_layer(s: ModelShape, b: int, length: int) -> int:
 # ---------------------------------------------------------------------------------------------- one chunk
 
 
-def dense_workspace_bytes(s: ModelShape, b: int, a: int, length: int) -> int:
+# How runner.dense_attention runs a dense chunk behind a cached prefix: "split" (runner._split_cudnn, what its
+# chunk probe picked on the H200; the lower-right bias, flash's path, needs less) or "mask" (the explicit
+# bool mask: the CPU's path, and a GPU's when neither fused path is usable).
+DENSE_CHUNK_PATH = "split"
+
+
+def dense_workspace_bytes(s: ModelShape, b: int, a: int, length: int, path: str | None = None) -> int:
     """SDPA on `a` queries over `length` keys: its fp32 log-sum-exp, and for a chunk behind a cached prefix
-    (a < length) the bottom-right causal mask that runner._sdpa builds as a bool [a, length] (ones, then tril)
-    and that SDPA turns into an additive mask of the query dtype (one byte plus `b` bytes per element).
-    A lower-right causal bias that is never materialized (torch.nn.attention.bias.causal_lower_right) would
-    remove the mask term: update this if the runner's dense chunk path changes."""
+    (a < length) the transient of the chunk path (`path`, default DENSE_CHUNK_PATH):
+
+    - "mask": the bottom-right causal mask that runner._sdpa builds as a bool [a, length] and that SDPA turns
+      into an additive mask of the query dtype (one byte plus `b` bytes per element);
+    - "split": the prefix's K and V repeated to every query head (`b` bytes), with the first call's output and
+      its fp32 copy; later the fp32 merge of the two outputs (two partial outputs and three temporaries).
+    """
     lse = s.heads * a * 4
-    return lse + (0 if a >= length else (1 + b) * a * length)
+    if a >= length:
+        return lse
+    if (path or DENSE_CHUNK_PATH) == "mask":
+        return lse + (1 + b) * a * length
+    out = s.heads * s.head_dim * a  # elements of one call's output
+    prefix = 2 * s.heads * s.head_dim * (length - a) * b
+    return lse + max(prefix + (b + 4) * out, 5 * 4 * out)
 
 
 def sale_workspace_bytes(s: ModelShape, a: int, length: int, *, estimate_bits: int = 8,

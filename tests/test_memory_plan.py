@@ -15,7 +15,8 @@ TINY = mp.ModelShape(num_layers=2, hidden=64, intermediate=128, heads=4, kv_head
                      max_context=4096)
 
 
-def test_tiny_config_by_hand():
+def test_tiny_config_by_hand(monkeypatch):
+    monkeypatch.setattr(mp, "DENSE_CHUNK_PATH", "mask")  # the hand numbers below are the explicit-mask path
     b = 2
     # q 64x64, k and v 64x32, o 64x64; gate/up/down 3x64x128; two norms of 64
     assert mp.layer_weight_bytes(TINY, b) == (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64) * b == 73984
@@ -34,6 +35,11 @@ def test_tiny_config_by_hand():
     assert (g.weights, g.kv_cache, g.activations) == (2 * 73984 + 12800 + 12928, 65536, 82944 + held)
     assert g.peak == 173696 + 65536 + 96768 + 2048
     assert g.need == g.peak + mp.HEADROOM_FIXED + int(0.1 * (65536 + 96768 + 2048))
+    # the two-call cuDNN path: the prefix's K and V repeated to the 4 query heads (192 keys), the first output
+    # (bf16) and its fp32 copy, or later the fp32 merge (five [64, 64] fp32 tensors); plus the lse
+    assert mp.dense_workspace_bytes(TINY, b, 64, 256, "split") == \
+        4 * 64 * 4 + max(2 * 64 * 192 * 2 + (2 + 4) * 64 * 64, 5 * 4 * 64 * 64) == 82944
+    assert mp.dense_workspace_bytes(TINY, b, 256, 256, "split") == 4 * 256 * 4  # no prefix: the lse alone
 
 
 def test_sale_workspace_by_hand():
@@ -111,7 +117,7 @@ def test_chunk_choice_is_monotone_in_memory(llama8b):
     shape = mp.ModelShape.from_config(mp.load_config(str(llama8b)))
     for method in ("dense", "sale"):
         last = -1
-        for gib in range(34, 80):
+        for gib in range(36, 80):  # dense chunks repeat the K/V prefix (about 2 GiB at 128K)
             p = mp.plan_memory(shape, dtype_bytes=2, length=131072, method=method, budgets=[gib * GiB],
                                allow_spread=False)
             size = 10**9 if p.chunk == 0 else p.chunk
@@ -168,7 +174,7 @@ def test_device_map_names_every_module(tmp_path):
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 300)
 
 
-def test_prediction_matches_live_tensors_on_cpu(tmp_path):
+def test_prediction_matches_live_tensors_on_cpu(tmp_path, monkeypatch):
     """KV cache plus activations as predicted vs the bytes of tensors alive at once in a real forward (a tiny
     Llama in bf16 on the CPU, counted op by op): exact shapes of the whole-prompt forward, and an upper bound
     within 15% for chunks behind a cache (the CPU's SDPA takes the bool mask without a float copy)."""
@@ -205,6 +211,7 @@ def test_prediction_matches_live_tensors_on_cpu(tmp_path):
     for m in model.modules():
         if hasattr(m, "num_key_value_groups"):
             m.sale_state = state
+    monkeypatch.setattr(mp, "DENSE_CHUNK_PATH", "mask")  # what the runner's dense chunks do on the CPU
     shape, L = mp.ModelShape.from_config(cfg), 1024
     ids = torch.randint(0, 500, (1, L))
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
