@@ -73,11 +73,20 @@ def sale_attention(
                   estimate=estimate, quant_group=quant_group, need_block_map=return_block_map, need_lse=return_lse)
     timings = None
     if chosen == "cuda":
-        if (dense or not bool(tau.any())) and not want_object:
-            # exact dense attention (short input, or every head at tau 0): the fastest SDPA backend
-            return causal_sdpa(q, k, v, scale)
-        if dense:
+        # dense heads go to the fastest SDPA backend unless the caller wants what only our kernels report
+        sdpa_ok = not (return_block_map or return_lse)
+        tau_host = tau.cpu()  # one sync: which heads are dense decides the path
+        if dense or not bool(tau_host.any()):
+            if not want_object:
+                return causal_sdpa(q, k, v, scale)
+            if sdpa_ok:
+                return _dense_heads_sdpa(q, k, v, scale, None, None, return_timings)
             tau = torch.zeros_like(tau)
+        elif sdpa_ok:
+            dense_groups = (tau_host.view(k.shape[1], -1) == 0).all(dim=1)
+            if bool(dense_groups.any()):
+                return _dense_heads_sdpa(q, k, v, scale, dense_groups, tau, return_timings,
+                                         sparse=dict(kwargs, compute=compute))
         out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs,
                                                                                  timing=return_timings,
                                                                                  compute=compute)
@@ -86,6 +95,57 @@ def sale_attention(
     if not want_object:
         return out
     return SaleOutput(out=out, block_map=block_map, lse=lse, density=density, timings=timings)
+
+
+def _dense_heads_sdpa(q, k, v, scale, dense_groups, tau, timings: bool, sparse: dict | None = None) -> SaleOutput:
+    """Dense heads through SDPA, the rest through the CUDA SALE kernels.
+
+    ``dense_groups`` (bool [Hkv] on the CPU; None = every head) marks the kv groups whose every query head has
+    tau 0: their heads are exact attention, so the fastest SDPA backend runs them (no estimate, no selection);
+    the other groups' heads run the SALE kernels with ``sparse`` (their kwargs). Density: 1 for dense heads.
+    Timings (when asked): the sparse heads' stages plus "dense", the SDPA part.
+    """
+    B, Hq = q.shape[:2]
+    G = Hq // k.shape[1]
+    density = torch.ones(B, Hq, device=q.device, dtype=torch.float32)
+    stage: dict[str, float] = {}
+    if dense_groups is None:
+        start = _event(timings)
+        out = causal_sdpa(q, k, v, scale)
+        if timings:
+            stage["dense"] = _elapsed(start)
+        return SaleOutput(out=out, density=density, timings=stage if timings else None)
+    kv_d, kv_s = dense_groups.nonzero().flatten(), (~dense_groups).nonzero().flatten()
+    heads = torch.arange(G)
+    h_d, h_s = (kv_d[:, None] * G + heads).flatten(), (kv_s[:, None] * G + heads).flatten()
+    dev_d, dev_s, kv_d, kv_s = h_d.to(q.device), h_s.to(q.device), kv_d.to(q.device), kv_s.to(q.device)
+    out = torch.empty_like(q)
+    start = _event(timings)
+    out[:, dev_d] = causal_sdpa(q[:, dev_d], k[:, kv_d], v[:, kv_d], scale)
+    if timings:
+        stage["dense"] = _elapsed(start)
+    o_s, _, _, dens_s, t_s = cuda_backend.sale_attention_cuda(q[:, dev_s], k[:, kv_s], v[:, kv_s], tau[dev_s],
+                                                              **sparse, timing=timings)
+    out[:, dev_s] = o_s
+    density[:, dev_s] = dens_s
+    if timings:
+        stage.update(t_s or {})
+    return SaleOutput(out=out, density=density, timings=stage if timings else None)
+
+
+def _event(timings: bool):
+    if not timings:
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _elapsed(start) -> float:
+    end = torch.cuda.Event(enable_timing=True)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def available_backends() -> dict[str, str]:

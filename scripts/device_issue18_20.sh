@@ -13,10 +13,11 @@ nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader; stamp b
 BENCH="sale bench-op --estimates int8 --computes cuda --sdpa cudnn --granularities none --reps 3 --warmup 1"
 case "${STAGE:-bench}" in
 bench)
-  timeout 300 $BENCH --lengths 32768,65536,131072 --taus 0.2,0.008 --out "$OUT/bench_grid.json" 2>&1 \
+  timeout 240 $BENCH --lengths 32768,65536,131072 --taus 0.2,0.008 --out "$OUT/bench_grid.json" 2>&1 \
     | tee "$OUT/bench_grid.log" | grep -E "^\|" | tail -40; stamp grid
-  timeout 200 $BENCH --lengths 131072 --data structured,random --taus 0.0001,0.0003,0.001,0.003,0.03 \
-    --out "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | grep -E "^\|" | tail -30; stamp sweep ;;
+  timeout 160 $BENCH --lengths 131072 --data structured,random --taus 0.0001,0.0003,0.001,0.003,0.03 \
+    --out "$OUT/bench_sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | grep -E "^\|" | tail -30; stamp sweep
+  timeout 120 python3 scripts/dense_heads_check.py --out "$OUT/dense_heads.json" 2>&1 | tail -12; stamp dense_heads ;;
 calib)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   export SALE_CACHE=/tmp/salecache; d=$SALE_CACHE/SmolLM2-135M-Instruct; mkdir -p $d
