@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sale_cli import thresholds as thresholds_io
+from sale_cli.break_even import check_dense_above, default_dense_above
 from sale_cli.data.calibration import KINDS, VALIDATION_SEED0, CalibrationData, validation_samples
 from sale_cli.errors import UserError
 from sale_cli.kernels import sale_attention
@@ -131,12 +132,16 @@ def _bar(console: Console, progress: bool) -> Progress:
 
 
 def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: Path, tau0: float = TAU0,
-              data: str = "mix", margin: float = MARGIN, console: Console | None = None,
-              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibrate thresholds for ``runner``'s model; returns (thresholds [L, H], density [L, H] on the last sample).
+              data: str = "mix", margin: float = MARGIN, dense_above: float | None = None,
+              console: Console | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrate thresholds for ``runner``'s model; returns (thresholds [L, H], density [L, H]).
 
     ``data`` is a built-in kind (kv, prose, code), "mix" (cycling over them) or a .txt/.jsonl file or folder.
-    Writes ``out`` at the end; ``<out>.partial.safetensors`` holds finished samples while running.
+    The density of a head is the mean over samples (and chunks) of its density at the tau accepted there. Heads
+    whose density exceeds ``dense_above`` (default: the break-even density of this GPU architecture,
+    :mod:`sale_cli.break_even`; 1 = never) get tau 0: they run dense, which is faster than SALE above it.
+    Writes ``out`` at the end (thresholds, the density, the rule in the metadata);
+    ``<out>.partial.safetensors`` holds finished samples while running.
     """
     if not (math.isfinite(theta) and theta > 0):
         raise ValueError(f"theta must be a finite number > 0, got {theta}")
@@ -149,14 +154,19 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
         raise UserError(f"--samples must be <= {VALIDATION_SEED0} (higher seeds are kept for the held-out check)")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 1), got {margin}")
+    if dense_above is None:
+        dense_above, dense_source = default_dense_above(runner.device)
+    else:
+        dense_above, dense_source = check_dense_above(dense_above), "set by the user (--dense-above)"
     console = console or Console()
     source = CalibrationData(data)
     extra = {"data": data, "data_samples": source.labels(samples), "margin": f"{margin:g}",
-             "validation_seed0": str(VALIDATION_SEED0)}
+             "validation_seed0": str(VALIDATION_SEED0), "dense_above": f"{dense_above:g}",
+             "dense_above_source": dense_source}
     meta = dict(model=runner.model_name, theta=theta, tau0=tau0, tokens=tokens, options=runner.options,
                 prefill_chunk=runner.prefill_chunk)
     tau = torch.full((runner.num_layers, runner.num_heads), tau0, dtype=torch.float32)
-    density = torch.ones_like(tau)
+    dens_sum, dens_n = torch.zeros_like(tau), torch.zeros(runner.num_layers, 1)
     done = 0
     partial = _partial_path(out)
     if partial.is_file():
@@ -167,6 +177,9 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
                 saved.get("tokens") == str(tokens) and saved.get("prefill_chunk") == str(runner.prefill_chunk) \
                 and saved.get("data") == data and saved.get("margin") == f"{margin:g}"
             done = int(saved["samples"]) if same else 0
+            saved_density = thresholds_io.load_density(partial) if same else None
+            if saved_density is not None:  # the running mean so far, weighted as one call per sample and layer
+                dens_sum, dens_n = saved_density * done, torch.full_like(dens_n, done)
         except (ValueError, KeyError) as exc:
             raise UserError(f"{exc} ({partial} holds an interrupted calibration: delete it to start afresh)") from exc
         if same:
@@ -182,7 +195,8 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
         layer_task = bar.add_task("layers", total=runner.num_layers)
 
         def hook(layer, q, k, v, dense_out, scale):
-            density[layer] = search.run(tau[layer], q, k, v, dense_out, scale, op_kwargs)
+            dens_sum[layer] += search.run(tau[layer], q, k, v, dense_out, scale, op_kwargs)
+            dens_n[layer] += 1
             bar.advance(layer_task)
 
         for index in range(done, samples):
@@ -192,11 +206,21 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
             bar.reset(layer_task, total=calls,
                       description=f"layers (sample {index + 1}, {sample.label}, {len(ids)} tokens)")
             _hooked_prefill(runner, ids, hook)
-            thresholds_io.save(partial, tau, samples=index + 1, **meta, extra=extra)
+            thresholds_io.save(partial, tau, samples=index + 1, **meta, extra=extra,
+                               density=_mean_density(dens_sum, dens_n))
             bar.advance(sample_task)
-    thresholds_io.save(out, tau, samples=samples, **meta, extra=extra)
+    density = _mean_density(dens_sum, dens_n)
+    rule = (density > dense_above) & (tau > 0)
+    tau[rule] = 0.0
+    density[tau == 0] = 1.0
+    extra["dense_by_rule"] = str(int(rule.sum()))
+    thresholds_io.save(out, tau, samples=samples, **meta, extra=extra, density=density)
     partial.unlink(missing_ok=True)
     return tau, density
+
+
+def _mean_density(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,7 +319,7 @@ def check_table(report: dict, title: str) -> Table:
 
 
 def summary_table(tau: torch.Tensor, density: torch.Tensor, title: str) -> Table:
-    """Per layer: mean tau, dense heads, expected density (measured on the last calibration sample)."""
+    """Per layer: mean tau, dense heads, expected density (the mean over the calibration samples)."""
     table = Table(title=title)
     for name in ("layer", "mean tau", "dense heads", "expected density"):
         table.add_column(name, justify="right")

@@ -24,8 +24,10 @@ def default_path(results_dir: str | os.PathLike, model_name: str, theta: float) 
 
 
 def save(path: str | os.PathLike, thresholds: torch.Tensor, *, model: str, theta: float, tau0: float, samples: int,
-         tokens: int, options: SaleOptions, prefill_chunk: int = 0, extra: dict[str, str] | None = None) -> Path:
-    """Write the file atomically (temporary file, then rename)."""
+         tokens: int, options: SaleOptions, prefill_chunk: int = 0, extra: dict[str, str] | None = None,
+         density: torch.Tensor | None = None) -> Path:
+    """Write the file atomically (temporary file, then rename); ``density`` [num_layers, num_heads], the
+    calibrated density of each head, is stored beside the thresholds when given."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -33,7 +35,10 @@ def save(path: str | os.PathLike, thresholds: torch.Tensor, *, model: str, theta
     meta = {"model": model, "theta": f"{theta:g}", "tau0": f"{tau0:g}", "samples": str(samples),
             "tokens": str(tokens), "prefill_chunk": str(prefill_chunk), "version": __version__, **options.metadata(), **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"thresholds": thresholds.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    tensors = {"thresholds": thresholds.detach().float().cpu().contiguous()}
+    if density is not None:
+        tensors["density"] = density.detach().float().cpu().contiguous()
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -71,6 +76,14 @@ def load(path: str | os.PathLike, *, num_layers: int | None = None, num_heads: i
             raise ValueError(f"{path} was calibrated with other op options than this run: {detail}. "
                              "Recalibrate or pass the file's options.")
     return tau, meta
+
+
+def load_density(path: str | os.PathLike) -> torch.Tensor | None:
+    """The calibrated density [num_layers, num_heads] stored with the thresholds, None in older files."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("density") if "density" in f.keys() else None
 
 
 def recorded_chunk(meta: dict[str, str]) -> int | None:

@@ -3,7 +3,7 @@ and the new default (mix, margin 0.25), check each on held-out kv/prose/code sam
 against dense. One model load for everything (GPU or CPU).
 
 Usage: python scripts/calibration_heldout.py --out DIR [--tokens 8192] [--thetas 0.4,0.1] [--validate 3]
-       [--device cuda] [--variants old,new3,new6]
+       [--device cuda] [--variants old,new3,new6] [--dense-above D (1 = no dense-heads rule)]
 Writes DIR/<variant>_theta_<theta>.safetensors, their .check.json reports and DIR/summary.json; prints tables.
 """
 
@@ -50,13 +50,16 @@ def main() -> None:
     ap.add_argument("--variants", default="old,new3,new6")
     ap.add_argument("--passkey-lengths", default="4096,8000")
     ap.add_argument("--passkey-seeds", type=int, default=3)
+    ap.add_argument("--dense-above", type=float, default=None,
+                    help="calibration's dense-heads rule (default: the GPU's break-even; 1 = off)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console(width=150)
     runner = load_runner(args.model, device=args.device)
     console.print(f"model {runner.model_name} on {runner.device}, dtype {runner.dtype}, chunk {runner.prefill_chunk}")
     lengths = [int(x) for x in args.passkey_lengths.split(",")]
-    summary: dict = {"tokens": args.tokens, "validate": args.validate, "device": str(runner.device), "runs": []}
+    summary: dict = {"tokens": args.tokens, "validate": args.validate, "device": str(runner.device),
+                     "dense_above": args.dense_above, "runs": []}
     runner.set_method("dense")
     summary["passkey_dense"] = passkeys(runner, lengths, args.passkey_seeds)
     for theta in [float(x) for x in args.thetas.split(",")]:
@@ -66,7 +69,8 @@ def main() -> None:
             t0 = time.time()
             runner.set_method("dense")
             tau, _ = calib.calibrate(runner, theta, samples=samples, tokens=args.tokens, out=path, data=data,
-                                     margin=margin, console=console, progress=False)
+                                     margin=margin, dense_above=args.dense_above, console=console,
+                                     progress=False)
             t1 = time.time()
             report = calib.check(runner, tau, theta, tokens=args.tokens, per_kind=args.validate,
                                  thresholds_path=path, console=console, progress=False)

@@ -1,0 +1,36 @@
+"""The density above which a head is faster dense: measured per GPU architecture with `sale bench-op`.
+
+A SALE head costs its selection (nearly fixed) plus computation proportional to its density; dense attention
+through cuDNN costs a fixed amount. Above the break-even density the head is cheaper dense, so calibration sets
+its tau to 0 (`sale calibrate --dense-above`). Figures and commands: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# compute capability -> (break-even density, where it was measured)
+MEASURED: dict[tuple[int, int], tuple[float, str]] = {
+    (9, 0): (0.48, "H200, sale bench-op at 128K tokens, 2026-12-03 (0.33 at 32K)"),
+}
+FALLBACK = (9, 0)  # the architecture whose figure stands in for one not measured (and for the CPU)
+
+
+def default_dense_above(device: torch.device | str | None = None) -> tuple[float, str]:
+    """(break-even density, its source) for ``device``'s GPU architecture; the Hopper figure elsewhere."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        cc = torch.cuda.get_device_capability(device)
+        if cc in MEASURED:
+            return MEASURED[cc]
+        value, source = MEASURED[FALLBACK]
+        return value, f"{source} (sm_{cc[0]}{cc[1]} not measured)"
+    value, source = MEASURED[FALLBACK]
+    return value, f"{source} (calibrated on {device.type if device else 'an unknown device'})"
+
+
+def check_dense_above(value: float) -> float:
+    """``value`` if it is a density in (0, 1]; 1 keeps every head sparse."""
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"--dense-above must be a density in (0, 1] (1 keeps every head sparse), got {value!r}")
+    return float(value)
