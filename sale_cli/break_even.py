@@ -13,20 +13,20 @@ import torch
 MEASURED: dict[tuple[int, int], tuple[float, str]] = {
     (9, 0): (0.48, "H200, sale bench-op at 128K tokens, 2026-12-03 (0.33 at 32K)"),
 }
-FALLBACK = (9, 0)  # the architecture whose figure stands in for one not measured (and for the CPU)
+FALLBACK = (9, 0)  # the architecture whose figure stands in for one not measured
 
 
 def default_dense_above(device: torch.device | str | None = None) -> tuple[float, str]:
-    """(break-even density, its source) for ``device``'s GPU architecture; the Hopper figure elsewhere."""
+    """(break-even density, its source) for ``device``'s GPU architecture; an architecture not measured takes the
+    Hopper figure; off the GPU (no architecture to measure) the rule is off: 1.0."""
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        cc = torch.cuda.get_device_capability(device)
-        if cc in MEASURED:
-            return MEASURED[cc]
-        value, source = MEASURED[FALLBACK]
-        return value, f"{source} (sm_{cc[0]}{cc[1]} not measured)"
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return 1.0, "not applied: calibrated off the GPU (set --dense-above to apply it)"
+    cc = torch.cuda.get_device_capability(device)
+    if cc in MEASURED:
+        return MEASURED[cc]
     value, source = MEASURED[FALLBACK]
-    return value, f"{source} (calibrated on {device.type if device else 'an unknown device'})"
+    return value, f"{source}; sm_{cc[0]}{cc[1]} not measured"
 
 
 def check_dense_above(value: float) -> float:

@@ -258,3 +258,35 @@ def test_cli_too_short_user_file(tiny_dir, tmp_path):
     result = _cli([str(tiny_dir), "--device", "cpu", "--tokens", "600", "--data", str(tmp_path / "notes.txt"),
                    "--out", str(tmp_path / "t.safetensors")])
     _assert_one_line_error(result, "notes.txt", "fewer than --tokens 600")
+
+
+def test_dense_above_makes_heads_over_the_break_even_dense(runner, tmp_path):
+    kw = dict(samples=1, tokens=900, tau0=0.64, progress=False)
+    tau, density = calib.calibrate(runner, 0.02, out=tmp_path / "off.safetensors", **kw)
+    _, meta = thresholds_io.load(tmp_path / "off.safetensors")
+    assert meta["dense_above"] == "1" and meta["dense_above_source"].startswith("not applied")  # CPU: off
+    assert meta["dense_by_rule"] == "0"
+    assert torch.equal(thresholds_io.load_density(tmp_path / "off.safetensors"), density)
+    assert (density[tau == 0] == 1).all() and ((density > 0) & (density <= 1)).all()
+    sparse = density[tau > 0]
+    assert sparse.numel() >= 2 and sparse.min() < sparse.max(), "the test needs heads of different density"
+    cut = sparse.median().item()
+    ruled, ruled_density = calib.calibrate(runner, 0.02, out=tmp_path / "on.safetensors", dense_above=cut, **kw)
+    expect = tau.clone()
+    expect[(density > cut) & (tau > 0)] = 0
+    assert torch.equal(ruled, expect) and (ruled == 0).sum() > (tau == 0).sum()
+    assert (ruled_density[ruled == 0] == 1).all()
+    _, meta = thresholds_io.load(tmp_path / "on.safetensors")
+    assert meta["dense_above"] == f"{cut:g}" and meta["dense_above_source"] == "set by the user (--dense-above)"
+    assert meta["dense_by_rule"] == str(int(((density > cut) & (tau > 0)).sum()))
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="--dense-above must be a density in"):
+            calib.calibrate(runner, 0.02, out=tmp_path / "bad.safetensors", dense_above=bad, **kw)
+
+
+def test_default_dense_above_per_device():
+    from sale_cli import break_even
+
+    assert break_even.default_dense_above("cpu")[0] == 1.0
+    value, source = break_even.MEASURED[break_even.FALLBACK]
+    assert 0 < value < 1 and "H200" in source
