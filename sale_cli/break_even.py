@@ -1,6 +1,6 @@
 """The density above which a head is faster dense: measured per GPU architecture with `sale bench-op`.
 
-A SALE head costs its selection (nearly fixed) plus computation proportional to its density; dense attention
+A SALE head costs its selection (growing slowly with density) plus computation proportional to its density; dense attention
 through cuDNN costs a fixed amount. Above the break-even density the head is cheaper dense, so calibration sets
 its tau to 0 (`sale calibrate --dense-above`). Figures and commands: docs/BENCHMARKS.md.
 """
@@ -11,7 +11,7 @@ import torch
 
 # compute capability -> (break-even density, where it was measured)
 MEASURED: dict[tuple[int, int], tuple[float, str]] = {
-    (9, 0): (0.48, "H200, sale bench-op at 128K tokens, 2026-12-03 (0.33 at 32K)"),
+    (9, 0): (0.47, "H200, sale bench-op at 128K tokens, 2026-12-03"),
 }
 FALLBACK = (9, 0)  # the architecture whose figure stands in for one not measured
 
