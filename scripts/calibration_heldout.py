@@ -86,7 +86,7 @@ def main() -> None:
                                               "max_error_over_theta", "mean_density", "meets_target")}
                        | {"worst": r["worst_heads"][:3]} for k, r in report["kinds"].items()},
                 passkey=keys))
-            same = sum(a["output"] == b["output"] for a, b in zip(summary["passkey_dense"], keys))
+            same = sum(a["output"] == b["output"] for a, b in zip(summary["passkey_dense"], keys, strict=True))
             console.print(f"passkey: {sum(r['correct'] for r in keys)}/{len(keys)} correct, {same}/{len(keys)} "
                           f"answers identical to dense; calibrate {t1 - t0:.0f} s, check {t2 - t1:.0f} s")
             (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
