@@ -1,4 +1,4 @@
-"""The `sale bench-op` command: the attention op alone on Llama-3.1-8B attention shapes.
+"""The attention op alone on Llama-3.1-8B attention shapes (what `sale bench-op` runs and reports).
 
 Rows per (length, data): every SDPA backend; our op at tau = 0 (dense through our path); SALE at fixed taus and
 with a thresholds file, int8 and int4 estimates, our CUDA or FlexAttention computation pass, with the
@@ -9,7 +9,6 @@ medians, inputs rotated between two sets.
 
 from __future__ import annotations
 
-import importlib
 import math
 import shlex
 import statistics
@@ -19,15 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sale_cli.eval.common import atomic_write_json, parse_names, software_versions, split_values
+from sale_cli.eval.common import atomic_write_json, software_versions
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_TAUS = (0.001, 0.004, 0.008)
@@ -148,25 +145,14 @@ def finish_rows(rows: Sequence[dict], flops: float) -> list[dict]:
     return done
 
 
-def parse_choices(values: list[str] | None, known: Sequence[str], default: Sequence[str], option: str) -> tuple:
-    """`parse_names` without 'all', as a BadParameter naming the option."""
-    try:
-        return tuple(parse_names(values, known, default, option, allow_all=False))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc).removeprefix(f"{option}: "), param_hint=option) from exc
-
-
 def parse_granularity(name: str) -> tuple[int, int]:
-    """'128x64' -> (128, 64): query x key block, multiples of the selection's 64x32 blocks."""
+    """'128x64' -> (128, 64): query x key block, multiples of the selection's 64x32 blocks; else ValueError."""
     try:
         bq, bk = (int(x) for x in name.lower().split("x"))
     except ValueError:
         bq = bk = 0
     if bq < BLOCK_Q or bk < BLOCK_K or bq % BLOCK_Q or bk % BLOCK_K:
-        raise typer.BadParameter(
-            f"{name!r} is not QxK with Q a multiple of {BLOCK_Q} and K a multiple of {BLOCK_K}",
-            param_hint="--granularities",
-        )
+        raise ValueError(f"{name!r} is not QxK with Q a multiple of {BLOCK_Q} and K a multiple of {BLOCK_K}")
     return bq, bk
 
 
@@ -435,8 +421,9 @@ def _granularity_rows(cfg, ops, timer, case, setting, tau, inputs, sale_rows) ->
     return rows
 
 
-def bench_case(cfg: BenchConfig, ops: Ops, timer, length: int, data: str, console: Console) -> list[dict]:
-    """Every row of one (length, data), finished with TFLOP/s and speedups."""
+def bench_case(cfg: BenchConfig, ops: Ops, timer, length: int, data: str,
+               on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """Every row of one (length, data), finished with TFLOP/s and speedups; on_row(row) as each is measured."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
@@ -450,28 +437,31 @@ def bench_case(cfg: BenchConfig, ops: Ops, timer, length: int, data: str, consol
     rows = []
     for name in cfg.sdpa:
         rows.append(_sdpa_row(cfg, timer, case, name, inputs))
-        _progress(console, rows[-1])
+        on_row(rows[-1])
     for setting in cfg.settings:
         tau = torch.tensor(setting.per_head, dtype=torch.float32, device=timer.device)
         sale = _sale_rows(cfg, ops, timer, case, setting, tau, inputs)
         if setting.granularity and cfg.granularities:
             sale += _granularity_rows(cfg, ops, timer, case, setting, tau, inputs, sale)
         for row in sale:
-            _progress(console, row)
+            on_row(row)
         rows += sale
     return finish_rows(rows, flops)
 
 
-def run_bench(cfg: BenchConfig, ops: Ops, timer, console: Console, path: Path, payload: dict) -> list[dict]:
-    """All lengths and data: a table per length, and the JSON at `path` rewritten (atomically) after each."""
+def run_bench(cfg: BenchConfig, ops: Ops, timer, path: Path, payload: dict,
+              on_row: Callable[[dict], None] = lambda row: None,
+              on_length: Callable[[Table], None] = lambda table: None) -> list[dict]:
+    """All lengths and data, the JSON at `path` rewritten (atomically) after each length. on_row(row) as each
+    row is measured, on_length(table of the length's rows) as each length is done."""
     rows: list[dict] = []
     for length in cfg.lengths:
         for data in cfg.data:
-            rows += bench_case(cfg, ops, timer, length, data, console)
+            rows += bench_case(cfg, ops, timer, length, data, on_row)
             timer.free()
         title = (f"bench-op · {_tokens(length)} tokens · {payload['environment']['device']} · B=1, "
                  f"{cfg.heads} q / {cfg.kv_heads} kv heads, d {cfg.head_dim}, {cfg.dtype}, causal")
-        console.print(bench_table([r for r in rows if r["length"] == length], title))
+        on_length(bench_table([r for r in rows if r["length"] == length], title))
         memory = {"memory": timer.memory()} if hasattr(timer, "memory") else {}  # peak per GPU, whole run
         atomic_write_json(path, {**payload, "rows": rows, **memory})
     return rows
@@ -535,11 +525,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _progress(console: Console, r: dict) -> None:
+def progress_line(r: dict) -> str:
+    """One measured row as a line of progress: length, data, variant, then ms and density or the error."""
     what = " ".join(x for x in (r["method"], r["estimate"], r["compute"], r["tau_label"] and f"tau={r['tau_label']}")
                     if x)  # fmt: skip
     result = f"error: {r['error']}" if r["error"] else f"{_fmt(r['ms'], '.2f')} ms, density {_fmt(r['density'], '.3f')}"
-    console.print(f"{_tokens(r['length'])} {r['data']} {what}: {result}", style="dim", markup=False, highlight=False)
+    return f"{_tokens(r['length'])} {r['data']} {what}: {result}"
 
 
 def environment(ops: Ops) -> dict[str, Any]:
@@ -562,149 +553,3 @@ def environment(ops: Ops) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),
     }
-
-
-# ---------------------------------------------------------------------------------------------- command
-
-
-def _file_thresholds(path: Path, layer: int | None, heads: int) -> tuple[list[float], int, dict[str, str]]:
-    """(taus of one layer, the layer, the file's metadata); BadParameter when the file does not fit."""
-    from sale_cli import thresholds as thresholds_file
-
-    try:
-        tau, meta = thresholds_file.load(path)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--thresholds") from exc
-    num_layers, file_heads = tau.shape
-    if file_heads != heads:
-        raise typer.BadParameter(
-            f"{path} holds thresholds for {file_heads} query heads per layer, but --heads is {heads}",
-            param_hint="--thresholds",
-        )
-    layer = num_layers // 2 if layer is None else layer
-    if not 0 <= layer < num_layers:
-        raise typer.BadParameter(f"{path} has layers 0-{num_layers - 1}, got {layer}", param_hint="--layer")
-    return tau[layer].tolist(), layer, meta
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
-
-def bench_op(
-    lengths: Annotated[list[str] | None, typer.Option(
-        help="Sequence lengths in tokens (comma/space-separated or repeated).",
-        show_default="8192,16384,32768,65536,131072")] = None,
-    heads: Annotated[int, typer.Option(help="Query heads.")] = 32,
-    kv_heads: Annotated[int, typer.Option(help="Key/value heads (GQA; --heads must be a multiple).")] = 8,
-    head_dim: Annotated[int, typer.Option(help="Head dimension.")] = 128,
-    dtype: Annotated[str, typer.Option(help="Input dtype: bf16 or fp16.")] = "bf16",
-    data: Annotated[list[str] | None, typer.Option(
-        help="Synthetic inputs (comma-separated or repeated): structured (LLM-like peaked attention: a sink, heavy "
-             "keys, local bias; density ~0.2 at tau 0.004) and/or random (N(0, 1), flat attention, density ~1).",
-        show_default="structured")] = None,
-    taus: Annotated[list[str] | None, typer.Option(
-        help="Fixed thresholds for every head, each > 0 (tau = 0, dense through our path, is always timed).",
-        show_default="0.001,0.004,0.008")] = None,
-    thresholds: Annotated[Path | None, typer.Option(
-        exists=True, dir_okay=False,
-        help="Calibrated thresholds .safetensors file: also time SALE with its thresholds of --layer "
-             "(its head count must equal --heads).")] = None,
-    layer: Annotated[int | None, typer.Option(
-        help="Layer of --thresholds to use.", show_default="the middle layer")] = None,
-    estimates: Annotated[list[str] | None, typer.Option(
-        help="Estimate precisions, side by side: int8, int4.", show_default="int8,int4")] = None,
-    computes: Annotated[list[str] | None, typer.Option(
-        help="Computation passes: cuda (our block-sparse kernel), flex (FlexAttention on the same block list).",
-        show_default="cuda,flex")] = None,
-    granularities: Annotated[list[str] | None, typer.Option(
-        help="Selection granularities QxK (Q a multiple of 64, K of 32) for the computation-pass trade-off: "
-             "FlexAttention alone on the int8 block map OR-pooled to QxK blocks; 'none' skips it.",
-        show_default="64x32,128x64,128x128")] = None,
-    sdpa: Annotated[list[str] | None, typer.Option(
-        help="SDPA backends to time: cudnn, flash, efficient; the fastest is the speedup baseline.",
-        show_default="all three")] = None,
-    reps: Annotated[int, typer.Option(help="Timed calls per variant; the median is reported.")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed calls per variant before the timed ones.")] = 2,
-    results_dir: Annotated[Path, typer.Option(
-        help="Results root; writes RESULTS_DIR/EXP/bench_op.json.")] = Path("results"),
-    exp: Annotated[str, typer.Option(help="Experiment name.")] = "bench_op",
-    out: Annotated[Path | None, typer.Option(
-        dir_okay=False, help="Write the JSON here instead of RESULTS_DIR/EXP/bench_op.json.")] = None,
-) -> None:
-    """Time the attention op alone on Llama-3.1-8B attention shapes (B=1, causal).
-
-    Per length and data: every SDPA backend (cuDNN, flash, efficient), our op
-    at tau = 0 (dense through our path), and SALE at each --taus and with
-    --thresholds, per estimate and computation pass.
-
-    Reports ms, dense-equivalent TFLOP/s, density, speedup over the fastest
-    SDPA backend and over flash, the quant / select / compute split (from
-    variants that stop after each stage), quant + select as % of the fastest
-    SDPA time, peak memory (of the whole op, and of the op stopped after
-    selection: the selection's workspace and bitmap), and the computation
-    pass alone at coarser selection granularities.
-
-    Timing: CUDA events, --warmup untimed then --reps timed calls (median),
-    two input sets rotated. Writes RESULTS_DIR/EXP/bench_op.json after each
-    length; ends with a Markdown table of every row. Needs a CUDA GPU.
-    """
-    length_list = tuple(dict.fromkeys(split_values(lengths, int, "--lengths") or DEFAULT_LENGTHS))
-    if min(length_list) < 1:
-        raise typer.BadParameter(f"lengths must be positive, got {min(length_list)}", param_hint="--lengths")
-    for value, option, low in ((heads, "--heads", 1), (kv_heads, "--kv-heads", 1), (head_dim, "--head-dim", 1),
-                               (reps, "--reps", 1), (warmup, "--warmup", 0)):  # fmt: skip
-        if value < low:
-            raise typer.BadParameter(f"must be at least {low}, got {value}", param_hint=option)
-    if heads % kv_heads:
-        raise typer.BadParameter(f"{heads} is not a multiple of --kv-heads {kv_heads}", param_hint="--heads")
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
-    data_list = parse_choices(data, DATA, ("structured",), "--data")
-    tau_list = tuple(dict.fromkeys(split_values(taus, float, "--taus") or DEFAULT_TAUS))
-    if not all(0.0 < t < math.inf for t in tau_list):
-        raise typer.BadParameter(f"each tau must be > 0 and finite, got {list(tau_list)}", param_hint="--taus")
-    estimate_list = parse_choices(estimates, ESTIMATES, ESTIMATES, "--estimates")
-    compute_list = parse_choices(computes, COMPUTES, COMPUTES, "--computes")
-    sdpa_list = parse_choices(sdpa, tuple(SDPA_BACKENDS), tuple(SDPA_BACKENDS), "--sdpa")
-    names = split_values(granularities, str, "--granularities") or list(GRANULARITIES)
-    granularity_list = () if names == ["none"] else tuple(dict.fromkeys(names))
-    for name in granularity_list:
-        parse_granularity(name)
-    if layer is not None and thresholds is None:
-        raise typer.BadParameter("--layer needs --thresholds", param_hint="--layer")
-    file_tau, file_layer, file_meta = (None, None, {})
-    if thresholds is not None:
-        file_tau, file_layer, file_meta = _file_thresholds(thresholds, layer, heads)
-
-    import torch
-
-    if not torch.cuda.is_available():
-        _fail(f"bench-op needs a CUDA GPU; none is visible (torch {torch.__version__}, CUDA build {torch.version.cuda})")
-    from sale_cli.kernels import cuda_backend
-
-    ok, why = cuda_backend.available()
-    if not ok:
-        _fail(f"the SALE CUDA backend is unavailable: {why}")
-    ops = Ops(cuda_backend, importlib.import_module("sale_cli.kernels.block_sparse") if granularity_list else None)
-
-    cfg = BenchConfig(
-        lengths=length_list, data=data_list, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-        settings=make_settings(heads, tau_list, estimate_list, file_tau, f"file L{file_layer}"),
-        computes=compute_list, granularities=granularity_list, sdpa=sdpa_list, reps=reps, warmup=warmup,
-    )  # fmt: skip
-    config = {
-        "lengths": list(length_list), "data": list(data_list), "batch": 1, "heads": heads, "kv_heads": kv_heads,
-        "head_dim": head_dim, "dtype": dtype, "causal": True, "taus": list(tau_list),
-        "thresholds": str(thresholds) if thresholds else None, "layer": file_layer,
-        "thresholds_metadata": file_meta, "estimates": list(estimate_list), "computes": list(compute_list),
-        "granularities": list(granularity_list), "sdpa": list(sdpa_list), "reps": reps, "warmup": warmup,
-        "input_sets": INPUT_SETS, "block_q": BLOCK_Q, "block_k": BLOCK_K, "local_window": LOCAL_WINDOW,
-        "quant_group": "per_token",
-    }  # fmt: skip
-    path = out or results_dir / exp / "bench_op.json"
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    rows = run_bench(cfg, ops, CudaTimer(), console, path, {"environment": environment(ops), "config": config})
-    typer.echo(markdown_table(rows))
-    console.print(f"Wrote {path}")

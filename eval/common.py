@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import socket
 import statistics
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import typer
 
 from sale_cli.errors import UserError
 
@@ -41,38 +38,6 @@ def software_versions() -> dict[str, Any]:
         "sale": __version__,
         "python": platform.python_version(),
     }
-
-
-def split_values(values: list[str] | None, cast: Callable[[str], Any], option: str) -> list[Any]:
-    """Items of a repeatable option whose values may also be comma- or space-separated lists."""
-    items = []
-    for value in values or []:
-        for item in re.split(r"[,\s]+", value.strip()):
-            if not item:
-                continue
-            try:
-                items.append(cast(item))
-            except ValueError as exc:
-                raise typer.BadParameter(
-                    f"{item!r} is not a valid {cast.__name__}", param_hint=option
-                ) from exc
-    return items
-
-
-def parse_names(values: Iterable[str] | None, known: Sequence[str], default: Sequence[str], option: str,
-                allow_all: bool = True) -> list[str]:
-    """Distinct names from repeated and/or comma- or space-separated option values; 'all' (where allowed) means
-    every known name. ValueError naming the option for an unknown name."""
-    names = split_values(list(values) if values else None, str, option)
-    if not names:
-        return list(default)
-    if allow_all and "all" in names:
-        return list(known)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        choices = ", ".join(known) + (" or 'all'" if allow_all else "")
-        raise ValueError(f"{option}: unknown {', '.join(unknown)}; choose from {choices}")
-    return list(dict.fromkeys(names))
 
 
 def rank_world() -> tuple[int, int]:

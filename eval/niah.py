@@ -267,11 +267,8 @@ def run_benchmark(
                     if method == "sale" and runner.sale_backend == "cuda":
                         # one more prefill for the quant/select/compute split: the kernel synchronizes after each
                         # stage then, so these times stay out of the timed repeats
-                        runner.state.stage_timings = True
-                        try:
+                        with runner.stage_timings():
                             split = runner.prefill(input_ids).timings
-                        finally:
-                            runner.state.stage_timings = False
                         for sample in measurement.samples:
                             sample.timings.update(split)
                     if answer_tokens > 0:

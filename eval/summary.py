@@ -219,50 +219,52 @@ def _csv(header: list[str], body: list[list[str]]) -> str:
     return buf.getvalue()
 
 
-def summarize(results_dir: Path, exps: list[str] | None = None) -> list[list[str]]:
-    """Print one table per kind of result and write summary.md (all of them), summary.csv and summary.png
-    (benchmarks) and summary_latency.csv into `results_dir`; returns the benchmark rows."""
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class TableData:
+    """One table to show: its title, header, rows and how many leading columns are text (the rest numbers)."""
 
-    console = Console()
-    found = collect(results_dir, exps)
-    for note in found.skipped:
-        console.print(f"skipped {note}", soft_wrap=True, markup=False, highlight=False)
+    title: str
+    header: list[str]
+    body: list[list[str]]
+    left: int
+
+
+@dataclass
+class Summary:
+    """What `summarize` wrote: the tables to show (in order) and the files written."""
+
+    tables: list[TableData]
+    written: list[Path]
+
+
+def summarize(results_dir: Path, found: Collected, exps: list[str] | None = None) -> Summary:
+    """Write summary.md (every table), summary.csv and summary.png (benchmarks) and summary_latency.csv into
+    `results_dir` from what `collect` found; FileNotFoundError naming --results-dir when it found nothing."""
     if found.empty():
         raise FileNotFoundError(f"--results-dir: no usable benchmark, latency or demo results under {results_dir}"
                                 + (f" for --exp {', '.join(exps)}" if exps else ""))
-
-    def show(title: str, header: list[str], body: list[list[str]], left: int) -> None:
-        table = Table(title=title)
-        for i, col in enumerate(header):  # text columns may wrap, numbers stay whole
-            table.add_column(col, justify="left" if i < left else "right", overflow="fold", no_wrap=i >= left)
-        for row in body:
-            table.add_row(*(cell or "—" for cell in row))
-        console.print(table)
-
+    tables: list[TableData] = []
     md: list[str] = []
     written: list[Path] = []
-    body: list[list[str]] = []
     if found.benches:
         header = ["benchmark", "dataset", *found.benches]
         body = rows(found.benches)
-        show(f"SALE evaluation ({results_dir})", header, body, 2)
+        tables.append(TableData(f"SALE evaluation ({results_dir})", header, body, 2))
         md += _markdown(header, body, 2)
         atomic_write_text(results_dir / "summary.csv", _csv(header, body))
         _plot(found.benches, results_dir / "summary.png")
         written += [results_dir / "summary.csv", results_dir / "summary.png"]
     if found.latency:
-        show("Prefill latency (sale latency): attention ms, medians", LATENCY_HEADER, found.latency, 2)
+        tables.append(TableData("Prefill latency (sale latency): attention ms, medians", LATENCY_HEADER,
+                                found.latency, 2))
         md += ([""] if md else []) + ["## Prefill latency", "", *_markdown(LATENCY_HEADER, found.latency, 2)]
         atomic_write_text(results_dir / "summary_latency.csv", _csv(LATENCY_HEADER, found.latency))
         written.append(results_dir / "summary_latency.csv")
     if found.demo:
         where = ", ".join(f"{e} on {d}" if len(found.demo_devices) > 1 else f"on {d}"
                           for e, d in found.demo_devices.items())
-        show(f"Demo: passkey retrieval (sale demo) {where}", DEMO_HEADER, found.demo, 3)
+        tables.append(TableData(f"Demo: passkey retrieval (sale demo) {where}", DEMO_HEADER, found.demo, 3))
         md += ([""] if md else []) + [f"## Demo passkey retrieval {where}", "",
                                       *_markdown(DEMO_HEADER, found.demo, 3)]
     atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
-    print("wrote " + ", ".join(str(p) for p in [results_dir / "summary.md", *written]))
-    return body
+    return Summary(tables, [results_dir / "summary.md", *written])

@@ -112,11 +112,8 @@ def _ids(runner: Runner, text: str) -> list[int]:
 def _hooked_prefill(runner: Runner, ids: list[int], hook: Callable):
     """A dense prefill that calls ``hook(layer, q, k, v, dense_out, scale)`` at every attention layer."""
     runner.set_method("dense")
-    runner.state.hook = hook
-    try:
+    with runner.capture(hook):
         runner.prefill(ids)
-    finally:
-        runner.state.hook = None
 
 
 def _check_args(runner: Runner, theta: float, tokens: int):

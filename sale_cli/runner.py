@@ -18,7 +18,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -624,6 +625,27 @@ class Runner:
             if not isinstance(thresholds, torch.Tensor):
                 self._warn_chunk_mismatch()
         self.state.method = method
+
+    @contextmanager
+    def capture(self, hook: Callable) -> Iterator[None]:
+        """Within the block, every dense prefill call also calls ``hook(layer, q, k, v, dense_out, scale)``:
+        once per layer and prefill chunk, q holding the chunk's rows and k, v every position so far (calibration
+        compares SALE against ``dense_out`` there). SALE calls and decode steps do not call it."""
+        previous, self.state.hook = self.state.hook, hook
+        try:
+            yield
+        finally:
+            self.state.hook = previous
+
+    @contextmanager
+    def stage_timings(self) -> Iterator[None]:
+        """Within the block, SALE prefills on the CUDA kernel report quant/select/compute ms in the result's
+        ``timings``; the kernel synchronizes after each stage then, so keep these prefills out of timed runs."""
+        previous, self.state.stage_timings = self.state.stage_timings, True
+        try:
+            yield
+        finally:
+            self.state.stage_timings = previous
 
     def apply_chat_template(self, text: str) -> str:
         """The prompt wrapped as one user turn with the generation prompt, or unchanged without a template."""

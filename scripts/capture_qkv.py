@@ -42,11 +42,8 @@ def capture(length: int, layers: list[int]) -> dict:
             found[layer] = tuple(t.detach().to(torch.bfloat16).contiguous().clone() for t in (q, k, v))
             scales[layer] = float(scale)
 
-    runner.state.hook = hook
-    try:
+    with runner.capture(hook):
         runner.prefill(prompt.input_ids)
-    finally:
-        runner.state.hook = None
     missing = [layer for layer in layers if layer not in found]
     if missing:
         raise SystemExit(f"the prefill hook never saw layers {missing}")

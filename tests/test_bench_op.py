@@ -12,6 +12,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from sale_cli.cli import app
+from sale_cli.commands import bench_op as bench_op_command
+from sale_cli.commands.common import parse_choices
 from sale_cli.eval import bench_op
 from sale_cli.kernels import block_sparse
 
@@ -76,14 +78,16 @@ def test_thresholds_file_must_match_heads_and_layer(tmp_path):
     assert "16 query heads" in wrong_heads.output
     wrong_layer = _invoke("--thresholds", str(path), "--heads", "16", "--layer", "4")
     assert wrong_layer.exit_code == 2 and "--layer" in wrong_layer.output
-    tau, layer, meta = bench_op._file_thresholds(path, None, 16)
+    tau, layer, meta = bench_op_command.file_thresholds(path, None, 16)
     assert layer == 2 and tau == pytest.approx([0.012] * 16) and meta["theta"] == "0.4"
 
 
 def test_choices_and_granularities_parse():
-    assert bench_op.parse_choices(["int4", "int8 int4"], bench_op.ESTIMATES, ("x",), "--e") == ("int4", "int8")
-    assert bench_op.parse_choices(None, bench_op.COMPUTES, bench_op.COMPUTES, "--c") == ("cuda", "flex")
+    assert parse_choices(["int4", "int8 int4"], bench_op.ESTIMATES, ("x",), "--e") == ("int4", "int8")
+    assert parse_choices(None, bench_op.COMPUTES, bench_op.COMPUTES, "--c") == ("cuda", "flex")
     assert [bench_op.parse_granularity(g) for g in bench_op.GRANULARITIES] == [(64, 32), (128, 64), (128, 128)]
+    with pytest.raises(ValueError, match="is not QxK"):
+        bench_op.parse_granularity("96x32")
 
 
 def test_arithmetic_of_rows():
@@ -199,7 +203,8 @@ def test_runner_on_cpu_with_a_fake_backend(tmp_path):
     timer, console = HostTimer(), Console(record=True, width=250)
     path = tmp_path / "exp" / "bench_op.json"
     ops = bench_op.Ops(_fake_cuda(calls), block_sparse)
-    rows = bench_op.run_bench(cfg, ops, timer, console, path, {"environment": {"device": "cpu"}, "config": {}})
+    rows = bench_op.run_bench(cfg, ops, timer, path, {"environment": {"device": "cpu"}, "config": {}},
+                              on_row=lambda row: console.print(bench_op.progress_line(row)), on_length=console.print)
     assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(rows))
     for data in cfg.data:
         got = {(r["kind"], r["method"], r["estimate"], r["compute"], r["tau_label"]): r
@@ -286,7 +291,7 @@ def test_runner_records_failed_inputs_and_keeps_finished_lengths(tmp_path, monke
     path = tmp_path / "bench_op.json"
     ops = bench_op.Ops(_fake_cuda([]), None)
     with pytest.raises(KeyboardInterrupt):
-        bench_op.run_bench(cfg, ops, HostTimer(), Console(quiet=True), path, {"environment": {"device": "cpu"}})
+        bench_op.run_bench(cfg, ops, HostTimer(), path, {"environment": {"device": "cpu"}})
     rows = json.loads(path.read_text())["rows"]
     assert [(r["length"], r["method"]) for r in rows] == [(64, "sdpa flash"), (64, "sale"), (128, "inputs")]
     assert rows[2]["error"].startswith("OutOfMemoryError") and set(rows[2]) == set(rows[0])

@@ -152,11 +152,8 @@ def _oracle_errors(runner, tau, ids):
         errors[layer] = (out.double() - dense_out.double()).abs().sum(dim=(2, 3)).mean(0) / q.shape[2]
 
     runner.set_method("dense")
-    runner.state.hook = hook
-    try:
+    with runner.capture(hook):
         runner.prefill(ids)
-    finally:
-        runner.state.hook = None
     return torch.stack([errors[i] for i in range(len(errors))]).float()
 
 

@@ -58,10 +58,9 @@ def test_chunked_prefill_equals_the_whole_prompt(tiny_dir, method):
     ids = _ids(700, runner.model.config.vocab_size, seed=1)
     whole = runner.prefill(ids)
     calls = []
-    runner.state.hook = lambda layer, q, k, v, out, scale: calls.append((layer, q.shape[2], k.shape[2]))
     runner.set_prefill_chunk(192)
-    chunked = runner.prefill(ids)
-    runner.state.hook = None
+    with runner.capture(lambda layer, q, k, v, out, scale: calls.append((layer, q.shape[2], k.shape[2]))):
+        chunked = runner.prefill(ids)
     assert torch.allclose(chunked.logits_last, whole.logits_last, atol=1e-4), \
         (chunked.logits_last - whole.logits_last).abs().max()
     assert chunked.density == pytest.approx(whole.density, abs=1e-6)
@@ -148,11 +147,8 @@ def test_calibration_with_chunks_records_the_chunk_and_bounds_every_chunk(tiny_d
         res = sale_attention(q, k, v, tau[layer], scale=scale, **runner.options.op_kwargs())
         errors.append((layer, (res.float() - dense_out.float()).abs().sum(dim=(2, 3)).mean(0) / q.shape[2]))
 
-    runner.state.hook = hook
-    try:
+    with runner.capture(hook):
         runner.prefill(ids)
-    finally:
-        runner.state.hook = None
     assert len(errors) == 2 * len(runner.chunk_bounds(len(ids))) > 2
     for layer, err in errors:
         assert (err[tau[layer] > 0] < theta).all(), (layer, err, tau[layer])

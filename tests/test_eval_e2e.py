@@ -9,7 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sale_cli.eval import commands, common, niah, summary
+from sale_cli.commands import benchmarks, summarize
+from sale_cli.eval import common, niah, summary
 from sale_cli.eval import infinitebench as ib
 from sale_cli.eval import longbench as lb
 from sale_cli.eval.metrics_longbench import score_dataset
@@ -164,7 +165,7 @@ def test_data_parallel_shards_merge(runner, tmp_path, monkeypatch):
 
 def _cli() -> typer.Typer:
     app = typer.Typer()
-    for fn in (commands.longbench, commands.infinitebench, commands.summarize):
+    for fn in (benchmarks.longbench, benchmarks.infinitebench, summarize.summarize):
         app.command()(fn)
     return app
 

@@ -63,7 +63,7 @@ def _save_thresholds(path: Path, model: str, layers: int = 2, heads: int = 4) ->
 
 
 def test_latency_without_thresholds_names_the_calibrate_command(tmp_path):
-    from sale_cli.eval.latency_command import latency
+    from sale_cli.commands.latency import latency
 
     result = CliRunner().invoke(_app(latency), ["no-such-model", "--lengths", "256", "--results-dir", str(tmp_path)])
     message = _message(result)
@@ -73,7 +73,7 @@ def test_latency_without_thresholds_names_the_calibrate_command(tmp_path):
 
 
 def test_latency_uses_the_default_theta_file_and_says_which(tiny_model, tmp_path):
-    from sale_cli.eval.latency_command import latency
+    from sale_cli.commands.latency import latency
 
     path = _save_thresholds(thresholds_io.default_path(tmp_path, tiny_model.name, 0.4), tiny_model.name)
     args = [str(tiny_model), "--lengths", "192", "--repeats", "1", "--warmup", "0", "--device", "cpu",
@@ -125,7 +125,7 @@ def test_shown_text_is_one_safe_line():
 
 
 def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_model, tmp_path, monkeypatch):
-    from sale_cli import demo
+    from sale_cli.commands import demo
     from sale_cli.runner import load_runner
 
     asked = {}
@@ -134,8 +134,8 @@ def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_model, tmp_pat
         asked.update(model=model, device=device)
         return load_runner(str(tiny_model), device=device, **kwargs)
 
-    monkeypatch.setattr(demo, "load_runner", fake_load)
-    monkeypatch.setattr(demo.demo_model, "fetch", lambda report=None: None)
+    monkeypatch.setattr("sale_cli.runner.load_runner", fake_load)
+    monkeypatch.setattr(demo_model, "fetch", lambda report=None: None)
     _save_thresholds(thresholds_io.default_path(tmp_path, tiny_model.name, 0.4), tiny_model.name)
     out = io.StringIO()
     demo.run_demo(theta=0.4, prompts=1, results_dir=tmp_path, console=Console(file=out, width=200))
@@ -192,13 +192,13 @@ def offline(monkeypatch):
     ("infinitebench", "--tasks", "passkey", "passkey.jsonl from https://huggingface.co/datasets/"),
 ])
 def test_missing_data_fails_fast_before_the_model_when_offline(offline, tmp_path, bench, option, name, where):
-    from sale_cli.eval import commands
+    from sale_cli.commands import benchmarks
 
     data = tmp_path / "data"
     args = [bench, "owner/no-such-model", "--exp", "x", option, name, "--data-dir", str(data),
             "--results-dir", str(tmp_path / "results")]
     start = time.monotonic()
-    result = CliRunner().invoke(_app(commands.longbench, commands.infinitebench), args, env={"COLUMNS": "300"})
+    result = CliRunner().invoke(_app(benchmarks.longbench, benchmarks.infinitebench), args, env={"COLUMNS": "300"})
     message = _message(result)
     assert time.monotonic() - start < 10
     assert result.exit_code == 1 and "Traceback" not in result.output, message
@@ -251,10 +251,10 @@ def _results(tmp_path: Path) -> Path:
 
 
 def test_summarize_skips_what_it_cannot_use_and_shows_latency_and_demo(tmp_path):
-    from sale_cli.eval import commands
+    from sale_cli.commands import summarize
 
     res = _results(tmp_path)
-    result = CliRunner().invoke(_app(commands.summarize), ["--results-dir", str(res)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(_app(summarize.summarize), ["--results-dir", str(res)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "Traceback" not in result.output, _message(result)
     skipped = [line for line in result.output.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == 3, skipped
@@ -275,22 +275,22 @@ def test_summarize_skips_what_it_cannot_use_and_shows_latency_and_demo(tmp_path)
 
 
 def test_summarize_with_nothing_usable_is_one_clear_error(tmp_path):
-    from sale_cli.eval import commands
+    from sale_cli.commands import summarize
 
     res = tmp_path / "results"
     (res / "failed" / "infinitebench").mkdir(parents=True)
-    result = CliRunner().invoke(_app(commands.summarize), ["--results-dir", str(res)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(_app(summarize.summarize), ["--results-dir", str(res)], env={"COLUMNS": "200"})
     message = _message(result)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "skipped" in message and "no usable benchmark, latency or demo results" in message
 
 
 def test_summarize_result_json_of_unexpected_shape_is_rescored(tmp_path):
-    from sale_cli.eval import commands
+    from sale_cli.commands import summarize
 
     res = _results(tmp_path)
     (res / "good" / "longbench" / "result.json").write_text('{"hotpotqa": 99.0, "average": 99.0, "extra": [1]}')
-    result = CliRunner().invoke(_app(commands.summarize), ["--results-dir", str(res), "--exp", "good"],
+    result = CliRunner().invoke(_app(summarize.summarize), ["--results-dir", str(res), "--exp", "good"],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, _message(result)
     assert "unexpected entries 'extra'" in result.output
@@ -298,9 +298,9 @@ def test_summarize_result_json_of_unexpected_shape_is_rescored(tmp_path):
 
 
 def test_summarize_help_says_what_it_covers():
-    from sale_cli.eval import commands
+    from sale_cli.commands import summarize
 
-    result = CliRunner().invoke(_app(commands.summarize), ["--help"], env={"COLUMNS": "100"})
+    result = CliRunner().invoke(_app(summarize.summarize), ["--help"], env={"COLUMNS": "100"})
     text = " ".join(result.output.split())
     for words in ("LongBench/InfiniteBench", "latency.json", "demo/passkey.json", "skipped"):
         assert words in text

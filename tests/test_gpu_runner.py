@@ -52,8 +52,8 @@ def test_sale_on_cuda_uses_the_kernel_and_matches_dense_at_tau_zero(model_dir):
     zero = runner.prefill(ids)
     assert (zero.logits_last - dense.logits_last).abs().max() < 0.1 and zero.density == pytest.approx(1.0)
     runner.set_method("sale", torch.full((2, 4), 0.3))
-    runner.state.stage_timings = True
-    sparse = runner.prefill(ids)
+    with runner.stage_timings():
+        sparse = runner.prefill(ids)
     assert 0 < sparse.density < 1 and sparse.attn_ms > 0
     assert set(sparse.timings) == {"quant", "select", "compute"}
     gen = runner.generate(ids[0].tolist(), max_new_tokens=4)
@@ -82,8 +82,8 @@ def test_device_map_auto_spreads_layers_and_matches_one_gpu(tmp_path):
     results = []
     for runner in (one, spread):
         runner.set_method("sale", torch.full((6, 4), 0.3))
-        runner.state.stage_timings = True
-        results.append(runner.prefill(ids))
+        with runner.stage_timings():
+            results.append(runner.prefill(ids))
     a, b = results
     assert 0 < b.density < 1 and b.density == pytest.approx(a.density)
     assert (b.logits_last - a.logits_last).abs().max() < 0.05

@@ -227,7 +227,7 @@ def test_write_config_dir_tiny(tmp_path):
 def _app():
     import typer
 
-    from sale_cli.eval.latency_command import latency
+    from sale_cli.commands.latency import latency
 
     app = typer.Typer()
     app.command()(latency)

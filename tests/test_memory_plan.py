@@ -184,7 +184,7 @@ def test_prediction_matches_live_tensors_on_cpu(tmp_path, monkeypatch):
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     from sale_cli.options import SaleOptions
-    from sale_cli.runner import AttentionState, register_attention
+    from sale_cli.runner import Runner, register_attention
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self):
@@ -207,10 +207,7 @@ def test_prediction_matches_live_tensors_on_cpu(tmp_path, monkeypatch):
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sale").to(torch.bfloat16).eval()
-    state = AttentionState(SaleOptions())
-    for m in model.modules():
-        if hasattr(m, "num_key_value_groups"):
-            m.sale_state = state
+    Runner(model, None, "tiny", SaleOptions())  # attaches its attention state to every attention module
     monkeypatch.setattr(mp, "DENSE_CHUNK_PATH", "mask")  # what the runner's dense chunks do on the CPU
     shape, L = mp.ModelShape.from_config(cfg), 1024
     ids = torch.randint(0, 500, (1, L))

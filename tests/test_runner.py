@@ -91,6 +91,27 @@ def test_sale_needs_thresholds_and_checks_their_shape(tiny_dir):
         runner.set_method("sparse")
 
 
+def test_capture_calls_the_hook_only_inside_the_block_and_restores_on_error(tiny_dir):
+    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu")
+    ids = _ids(80, runner.model.config.vocab_size)
+    calls = []
+
+    def hook(layer, q, k, v, dense_out, scale):
+        calls.append(layer)
+
+    with runner.capture(hook):
+        runner.prefill(ids)
+    assert calls == [0, 1]
+    with pytest.raises(KeyError), runner.capture(hook):
+        raise KeyError("boom")
+    runner.prefill(ids)  # neither block leaves the hook installed
+    assert calls == [0, 1]
+    with runner.capture(hook):
+        runner.set_method("sale", torch.zeros(2, 4))
+        runner.prefill(ids)  # SALE calls do not call it
+    assert calls == [0, 1]
+
+
 def _errors_per_head(runner, ids, tau, theta):
     """Each head's calibration error at ``tau`` on a prompt, measured the way the spec defines it."""
     errors = {}
@@ -100,11 +121,8 @@ def _errors_per_head(runner, ids, tau, theta):
         errors[layer] = (out.float() - dense_out.float()).abs().sum(dim=(2, 3)).mean(0) / q.shape[2]
 
     runner.set_method("dense")
-    runner.state.hook = hook
-    try:
+    with runner.capture(hook):
         runner.prefill(ids)
-    finally:
-        runner.state.hook = None
     return torch.stack([errors[i] for i in range(len(errors))])
 
 

@@ -10,11 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sale_cli import demo_model
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+from sale_cli.commands.common import fail
 
 
 def plan_table(plan) -> Table:
@@ -75,10 +71,10 @@ def plan(
         budgets = mp.gpu_budgets(gpus, gpu_memory_gib)
         shape = mp.ModelShape.from_config(mp.load_config(model))
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     length = length or shape.max_context
     if not length:
-        raise _fail(f"--length: {model} does not state its context length; pass --length")
+        raise fail(f"--length: {model} does not state its context length; pass --length")
     if prefill_chunk and prefill_chunk > length:
         raise typer.BadParameter(f"{prefill_chunk} is longer than --length {length}", param_hint="--prefill-chunk")
     if shape.max_context and length > shape.max_context:
@@ -88,7 +84,7 @@ def plan(
                             chunk=prefill_chunk, model=name)
     console.print(plan_table(result))
     if not result.fits:
-        raise _fail(result.reason + ("" if prefill_chunk is None else "; try a smaller --prefill-chunk")
+        raise fail(result.reason + ("" if prefill_chunk is None else "; try a smaller --prefill-chunk")
                     + ("; or more GPUs" if len(budgets) == 1 else ""))
     layers = "/".join(str(n) for n in result.layers_per_gpu)
     console.print(f"fits: {'one GPU' if not result.spread else f'layers {layers} over {len(result.gpus)} GPUs'}, "

@@ -1,4 +1,4 @@
-"""The `sale longbench`, `sale infinitebench` and `sale summarize` commands (registered on the app in cli.py)."""
+"""The `sale longbench` and `sale infinitebench` commands: official prompts and scoring, data-parallel ranks."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Annotated
 
 import typer
 
-from sale_cli.errors import UserError, debug_enabled
+from sale_cli.commands.common import PREFILL_CHUNK_HELP, error_exit, parse_names
+from sale_cli.errors import UserError
 from sale_cli.eval.common import (
     Benchmark,
     barrier,
     check_run_config,
     experiment_dir,
     finish_ranks,
-    parse_names,
     rank_world,
     run_lock,
 )
@@ -56,16 +56,7 @@ DtypeOpt = Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float1
 DeviceOpt = Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N (set per rank under torchrun).")]
 DeviceMapOpt = Annotated[str | None, typer.Option(
     help="Spread one model over the GPUs (e.g. 'auto'); not with several torchrun ranks.")]
-PrefillChunkOpt = Annotated[int | None, typer.Option(
-    help="Tokens per prefill chunk: a multiple of 64, 0 = the whole prompt at once. "
-         "\\[default: chosen from the model and the free GPU memory; 0 on CPU]")]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    if debug_enabled():
-        raise err
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+PrefillChunkOpt = Annotated[int | None, typer.Option(help=PREFILL_CHUNK_HELP)]
 
 
 def _evaluate(bench: Benchmark, names: list[str] | None, exp_dir: Path, eval_only: bool, generate) -> None:
@@ -183,7 +174,7 @@ def longbench(
 
         _evaluate(lb.BENCH, names if eval_only and datasets else None, exp_dir, eval_only, generate)
     except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        raise _fail(err) from err
+        raise error_exit(err) from err
 
 
 def infinitebench(
@@ -230,30 +221,4 @@ def infinitebench(
 
         _evaluate(ib.with_scorer(scorer.value), names if eval_only and tasks else None, exp_dir, eval_only, generate)
     except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        raise _fail(err) from err
-
-
-def summarize(
-    exp: Annotated[list[str] | None, typer.Option(
-        "--exp", help="Experiments to compare, repeated or comma-separated. Default: all under RESULTS_DIR.")] = None,
-    results_dir: ResultsOpt = Path("results"),
-) -> None:
-    """Compare the experiments under RESULTS_DIR, one table per kind of result (all of them in summary.md).
-
-    LongBench/InfiniteBench: scores, attention time and density per experiment (also summary.csv, summary.png).
-
-    Latency (latency.json of `sale latency`): per length, dense and SALE attention ms, speedup, SALE density (also summary_latency.csv).
-
-    Demo (demo/passkey.json of `sale demo`): accuracy, density and time per method.
-
-    Folders or files it cannot use (a failed run, an unreadable result.json) are skipped with a one-line note.
-    """
-    from sale_cli.eval import summary
-
-    try:
-        names = [n.strip() for v in exp or [] for n in v.split(",") if n.strip()] or None
-        for name in names or []:
-            experiment_dir(results_dir, name)
-        summary.summarize(results_dir, names)
-    except (UserError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        raise _fail(err) from err
+        raise error_exit(err) from err

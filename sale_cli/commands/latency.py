@@ -7,9 +7,10 @@ import typer
 from rich.console import Console
 
 from sale_cli import demo_model
+from sale_cli.commands.common import fail, split_values
 from sale_cli.errors import UserError
 from sale_cli.eval import niah
-from sale_cli.eval.common import atomic_write_json, experiment_dir, split_values
+from sale_cli.eval.common import atomic_write_json, experiment_dir
 
 METHODS = ("dense", "sale")
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -202,8 +203,7 @@ def latency(
             length=max(length_list),
         )
     except (ValueError, RuntimeError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=1) from exc
+        raise fail(str(exc)) from exc
     builder = niah.NiahPromptBuilder(runner.tokenizer, text, needle, question, runner.apply_chat_template)
     try:
         prompts = {n: builder.build(n, depth) for n in length_list}
