@@ -237,6 +237,8 @@ def test_cli_calibrate_with_validate_then_check_alone(tiny_dir, tmp_path):
     (["--validate", "0"], "for --validate: must be at least 1, got 0"),
     (["--check", "nowhere.safetensors"], "--check nowhere.safetensors: no such thresholds file"),
     (["--margin", "1.5"], "--margin must be in [0, 1)"),
+    (["--dense-above", "0"], "for --dense-above: must be a density in (0, 1]"),
+    (["--dense-above", "1.2"], "for --dense-above: must be a density in (0, 1]"),
 ])
 def test_cli_bad_inputs_name_the_option(tiny_dir, args, message):
     result = _cli([str(tiny_dir), "--device", "cpu", "--tokens", "300", "--samples", "1", *args])

@@ -38,6 +38,9 @@ def calibrate(
                                                       "(kv, prose, code).")] = None,
     check: Annotated[Path | None, typer.Option(help="Only run the held-out check of this thresholds file "
                                                     "(--validate N samples per kind, default 3).")] = None,
+    dense_above: Annotated[float | None, typer.Option(help="Heads whose calibrated density exceeds this run dense "
+                                                           "(tau 0), faster there \\[default: this GPU's "
+                                                           "break-even density; off on the CPU]; 1 = never.")] = None,
 ):
     """Calibrate per-head SALE thresholds (halving search from tau0 until each head's error is below theta).
 
@@ -55,6 +58,8 @@ def calibrate(
     require(tokens is None or tokens >= calib.MIN_TOKENS, "--tokens", f"must be at least {calib.MIN_TOKENS}, got {tokens}")
     require(math.isfinite(tau0) and tau0 >= 0, "--tau0", f"must be a finite number >= 0, got {tau0}")
     require(validate is None or validate >= 1, "--validate", f"must be at least 1, got {validate}")
+    require(dense_above is None or 0 < dense_above <= 1, "--dense-above",
+            f"must be a density in (0, 1] (1 keeps every head sparse), got {dense_above}")
     if check is not None and not check.is_file():
         raise UserError(f"--check {check}: no such thresholds file")
     demo = model == demo_model.ALIAS
@@ -87,9 +92,11 @@ def calibrate(
                       f"(data {data}, margin {margin:g}), SALE backend {runner.sale_backend}, "
                       f"estimate {runner.options.estimate}, prefill chunk {runner.prefill_chunk or 'whole prompt'}")
         tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, data=data,
-                                       margin=margin, console=console)
+                                       margin=margin, dense_above=dense_above, console=console)
         console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
-        console.print(f"Wrote {out}")
+        _, written = thresholds.load(out)
+        console.print(f"Wrote {out}; dense-heads rule: density above {written['dense_above']} -> tau 0 "
+                      f"({written['dense_by_rule']} heads; {written['dense_above_source']})")
     if check is not None or validate is not None:
         per_kind = validate or calib.VALIDATE_PER_KIND
         console.print(f"Held-out check: {per_kind} samples x {tokens} tokens of each kind")
