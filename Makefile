@@ -36,7 +36,7 @@ demo: $(STAMP)  ## the main job on the demo model: calibrate, then passkey retri
 # process holding the whole model (refused up front when it cannot fit one GPU).
 NPROC ?= 1
 ARGS ?=
-SALE_RUN = $(if $(filter-out 1,$(NPROC)),torchrun --nproc-per-node $(NPROC) $$(command -v sale),sale)
+SALE_RUN = $(if $(filter-out 1,$(NPROC)),torchrun --nproc-per-node $(NPROC) -m sale_cli.cli,sale)
 METHOD_ARGS = $(if $(strip $(THETA)),--method sale --theta $(THETA),--method dense)
 
 longbench: $(STAMP)  ## LongBench (the paper's 14 datasets) for MODEL into results/EXP, then scored
