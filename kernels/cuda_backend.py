@@ -43,7 +43,14 @@ import threading
 import torch
 
 from . import block_sparse
-from .constants import CUDA_BLOCK_K, CUDA_BLOCK_Q, CUDA_HEAD_DIMS, CUDA_MAX_GROUP
+from .constants import (
+    BITMAP_WORD_BITS,
+    CUDA_BLOCK_K,
+    CUDA_BLOCK_Q,
+    CUDA_HEAD_DIMS,
+    CUDA_MAX_GROUP,
+    CUDA_ROW_PAD,
+)
 
 ESTIMATE_BITS = {"int8": 8, "int4": 4}
 COMPUTES = ("auto", "cuda", "flex")
@@ -155,6 +162,16 @@ def default_compute() -> str:
     return _DEFAULT_COMPUTE.get(major, "cuda")
 
 
+def _pad(rows: int) -> int:
+    """Rows of a quantized Q/K buffer: whole multiples of CUDA_ROW_PAD."""
+    return math.ceil(rows / CUDA_ROW_PAD) * CUDA_ROW_PAD
+
+
+def _words(blocks: int) -> int:
+    """Bitmap words for this many key blocks."""
+    return math.ceil(blocks / BITMAP_WORD_BITS)
+
+
 def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
                       budget: int | None = None, Lk: int | None = None) -> list[tuple[int, int, int, int]]:
     """(b0, b1, h0, h1) batch and kv-head ranges whose quantized Q/K stay within ``budget`` bytes each (default
@@ -165,7 +182,7 @@ def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
     but the number of launches."""
     budget = SELECT_WORKSPACE_BYTES if budget is None else budget
     Lk = L if Lk is None else Lk
-    G, LqPad, LkPad = Hq // Hkv, math.ceil(L / 64) * 64, math.ceil(Lk / 64) * 64
+    G, LqPad, LkPad = Hq // Hkv, _pad(L), _pad(Lk)
     ib = d // 2 if estimate == "int4" else d
     # per kv head and batch entry: the int8 rows of its G query heads with their floats sq and qkm (Lq long), its
     # own int8 rows with sk, and per query head qm and its block maxima (Lk long)
@@ -195,7 +212,7 @@ def _quantize_op(q: torch.Tensor, k: torch.Tensor, per_block: bool, bits: int,
 def _(q, k, per_block, bits, scale):
     B, Hq, Lq, d = q.shape
     Hkv, Lk, ib = k.shape[1], k.shape[2], d // 2 if bits == 4 else d
-    LqPad, LkPad = (Lq + 63) // 64 * 64, (Lk + 63) // 64 * 64
+    LqPad, LkPad = _pad(Lq), _pad(Lk)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, Hkv, LkPad, ib, dtype=torch.int8), q.new_empty(B, Hkv, LkPad, **f32),
             q.new_empty(B, Hq, LqPad, ib, dtype=torch.int8), q.new_empty(B, Hq, LqPad, **f32),
@@ -213,8 +230,9 @@ def _select_op(q: torch.Tensor, k: torch.Tensor, qint: torch.Tensor, sq: torch.T
 @_select_op.register_fake
 def _(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, sink_tokens, local_window):
     B, Hq, Lq, _ = q.shape
-    nW = (math.ceil(k.shape[2] / 32) + 31) // 32
-    return q.new_empty(B, Hq, math.ceil(Lq / 64), nW, dtype=torch.int32), q.new_empty(B, Hq, dtype=torch.int32)
+    nW = _words(math.ceil(k.shape[2] / CUDA_BLOCK_K))
+    return (q.new_empty(B, Hq, math.ceil(Lq / CUDA_BLOCK_Q), nW, dtype=torch.int32),
+            q.new_empty(B, Hq, dtype=torch.int32))
 
 
 @torch.library.custom_op("sale::compute", mutates_args=())
@@ -316,7 +334,7 @@ def run(q, k, v, tau, *, scale: float, block_q, block_k, sink_tokens: int, local
         return stage_ms
 
     if len(chunks) > 1:
-        bits = q.new_empty(B, Hq, math.ceil(Lq / block_q), (nK + 31) // 32, dtype=torch.int32)
+        bits = q.new_empty(B, Hq, math.ceil(Lq / block_q), _words(nK), dtype=torch.int32)
         pairs = q.new_empty(B, Hq, dtype=torch.int32)
     for b0, b1, h0, h1 in chunks:
         qc, kc, tc = q[b0:b1, h0 * G:h1 * G], k[b0:b1, h0:h1], tau[h0 * G:h1 * G]  # contiguous views

@@ -29,13 +29,14 @@ from sale_cli import demo_model
 from sale_cli import thresholds as thresholds_io
 from sale_cli.errors import ModelLoadError
 from sale_cli.kernels import sale_attention
+from sale_cli.kernels.constants import BLOCK_Q
 from sale_cli.kernels.dense import sdpa as _sdpa
 from sale_cli.kernels.reference import visible_block_pairs
 from sale_cli.options import SaleOptions
 
 METHODS = ("dense", "sale")
 ATTN_NAME = "sale"
-CHUNK_MULTIPLE = 64  # prefill chunks are whole query blocks of the default block_q
+CHUNK_MULTIPLE = BLOCK_Q  # prefill chunks are whole query blocks of the default block_q
 _log = logging.getLogger(__name__)
 
 
