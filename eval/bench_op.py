@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sale_cli.eval.common import atomic_write_json, software_versions
+from sale_cli.kernels import constants
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_TAUS = (0.001, 0.004, 0.008)
@@ -34,8 +35,8 @@ ESTIMATES = ("int8", "int4")
 COMPUTES = ("cuda", "flex")
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 GRANULARITIES = ("64x32", "128x64", "128x128")
-BLOCK_Q, BLOCK_K = 64, 32  # the selection's blocks; coarser granularities OR-pool them
-LOCAL_WINDOW = 128
+BLOCK_Q, BLOCK_K = constants.BLOCK_Q, constants.BLOCK_K  # the selection's blocks; coarser granularities OR-pool them
+LOCAL_WINDOW = constants.LOCAL_WINDOW
 INPUT_SETS = 2  # rotated between calls, so that caches do not flatter
 HEAVY_FRACTIONS = (0.05, 0.1, 0.2, 0.35)
 ROW_FIELDS = (
@@ -291,16 +292,14 @@ def _timed(cfg: BenchConfig, timer, call: Callable[[int], Any], summary: Callabl
 def _sdpa_call(name: str, inputs: list) -> tuple[Callable[[int], Any], str]:
     """One SDPA backend on input set i, and its GQA handling: "native" (enable_gqa), else "repeated" (K/V
     repeated per query head here, outside the timed calls)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from sale_cli.kernels.dense import sdpa
 
-    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+    backend = SDPA_BACKENDS[name]
 
     def on(sets, gqa):
         def call(i):
             q, k, v = sets[i]
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if gqa else {}))
+            return sdpa(q, k, v, None, backend, enable_gqa=gqa)
 
         return call
 

@@ -6,15 +6,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
-from . import cuda_backend
+from . import constants, cuda_backend
+from .dense import bottom_right_mask, causal_sdpa
 from .reference import sale_attention_reference
 
 ESTIMATES = ("int4", "int8", "none")
 QUANT_GROUPS = ("per_token", "per_block")
 BACKENDS = ("auto", "reference", "cuda")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["SaleOutput", "available_backends", "bottom_right_mask", "causal_sdpa", "check_arguments",
+           "check_thresholds_values", "sale_attention"]
 
 
 @dataclass
@@ -35,14 +37,14 @@ def sale_attention(
     thresholds: torch.Tensor,
     *,
     scale: float | None = None,
-    block_q: int = 64,
-    block_k: int = 32,
-    sink_tokens: int | None = None,
-    local_window: int = 128,
-    estimate: str = "int8",
-    quant_group: str = "per_token",
-    dense_below: int = 1024,
-    backend: str = "auto",
+    block_q: int = constants.BLOCK_Q,
+    block_k: int = constants.BLOCK_K,
+    sink_tokens: int | None = constants.SINK_TOKENS,
+    local_window: int = constants.LOCAL_WINDOW,
+    estimate: str = constants.ESTIMATE,
+    quant_group: str = constants.QUANT_GROUP,
+    dense_below: int = constants.DENSE_BELOW,
+    backend: str = constants.BACKEND,
     compute: str = "auto",
     return_block_map: bool = False,
     return_lse: bool = False,
@@ -59,8 +61,8 @@ def sale_attention(
     ``compute`` picks the CUDA backend's computation pass: "cuda" (own kernel), "flex" (FlexAttention on the same
     block list) or "auto" (the faster on this GPU); the reference ignores it.
     """
-    tau = _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
-                 dense_below, backend)
+    tau = check_arguments(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate,
+                          quant_group, dense_below, backend)
     cuda_backend.check_compute(compute)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -87,9 +89,8 @@ def sale_attention(
             if bool(dense_groups.any()):
                 return _dense_heads_sdpa(q, k, v, scale, dense_groups, tau, return_timings,
                                          sparse=dict(kwargs, compute=compute))
-        out, lse, block_map, density, timings = cuda_backend.sale_attention_cuda(q, k, v, tau, **kwargs,
-                                                                                 timing=return_timings,
-                                                                                 compute=compute)
+        out, lse, block_map, density, timings = cuda_backend.run(q, k, v, tau, **kwargs, timing=return_timings,
+                                                                 compute=compute)
     else:
         out, lse, block_map, density = sale_attention_reference(q, k, v, tau, dense=dense, **kwargs)
     if not want_object:
@@ -124,8 +125,8 @@ def _dense_heads_sdpa(q, k, v, scale, dense_groups, tau, timings: bool, sparse: 
     out[:, dev_d] = causal_sdpa(q[:, dev_d], k[:, kv_d], v[:, kv_d], scale)
     if timings:
         stage["dense"] = _elapsed(start)
-    o_s, _, _, dens_s, t_s = cuda_backend.sale_attention_cuda(q[:, dev_s], k[:, kv_s], v[:, kv_s], tau[dev_s],
-                                                              **sparse, timing=timings)
+    o_s, _, _, dens_s, t_s = cuda_backend.run(q[:, dev_s], k[:, kv_s], v[:, kv_s], tau[dev_s], **sparse,
+                                              timing=timings)
     out[:, dev_s] = o_s
     density[:, dev_s] = dens_s
     if timings:
@@ -152,31 +153,6 @@ def available_backends() -> dict[str, str]:
     """Backend name -> "available" or the reason it is not."""
     ok, reason = cuda_backend.available()
     return {"reference": "available", "cuda": "available" if ok else reason}
-
-
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Exact causal attention through SDPA with the queries as the last Lq of the Lk positions (bottom-right).
-
-    SDPA's ``is_causal=True`` aligns the mask top-left when Lq != Lk, so it is used only for Lq == Lk (the
-    fastest path); one query row sees every key; otherwise torch's lower-right causal bias (flash or
-    memory-efficient kernels where they apply), or an explicit boolean mask where that bias is refused.
-    """
-    Lq, Lk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if Lq == Lk or Lq == 1:
-        return sdpa(q, k, v, is_causal=Lq > 1, scale=scale, enable_gqa=gqa)
-    if q.is_cuda:
-        try:
-            return sdpa(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale, enable_gqa=gqa)
-        except RuntimeError:  # a fused kernel that takes the bias but not this GQA layout
-            pass
-    return sdpa(q, k, v, attn_mask=bottom_right_mask(Lq, Lk, q.device), scale=scale, enable_gqa=gqa)
-
-
-def bottom_right_mask(Lq: int, Lk: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """bool [Lq, Lk], True where query row i may see key j: j <= i + (Lk - Lq)."""
-    return torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
 
 
 def _choose_backend(backend: str, q: torch.Tensor, k: torch.Tensor, **options) -> str:
@@ -216,9 +192,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
-           dense_below, backend) -> torch.Tensor:
-    """Validate every argument; return thresholds as fp32 on q's device."""
+def check_arguments(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate, quant_group,
+                    dense_below=constants.DENSE_BELOW, backend=constants.BACKEND) -> torch.Tensor:
+    """Validate every argument of the op (also for direct callers of ``cuda_backend.sale_attention_cuda``); return
+    thresholds as fp32 on q's device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -43,6 +43,14 @@ import threading
 import torch
 
 from . import block_sparse
+from .constants import (
+    BITMAP_WORD_BITS,
+    CUDA_BLOCK_K,
+    CUDA_BLOCK_Q,
+    CUDA_HEAD_DIMS,
+    CUDA_MAX_GROUP,
+    CUDA_ROW_PAD,
+)
 
 ESTIMATE_BITS = {"int8": 8, "int4": 4}
 COMPUTES = ("auto", "cuda", "flex")
@@ -125,16 +133,20 @@ def supports(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, es
         return False, "q is not a CUDA tensor"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return False, f"dtype {q.dtype} (the CUDA kernels take float16 or bfloat16)"
-    if q.shape[-1] not in (64, 128):
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
         return False, f"head_dim {q.shape[-1]} (the CUDA kernels take 64 or 128)"
-    if q.shape[1] // k.shape[1] > 16:
-        return False, f"{q.shape[1] // k.shape[1]} query heads per kv head (the CUDA kernels take at most 16)"
+    if q.shape[1] // k.shape[1] > CUDA_MAX_GROUP:
+        return False, (f"{q.shape[1] // k.shape[1]} query heads per kv head (the CUDA kernels take at most "
+                       f"{CUDA_MAX_GROUP})")
     if q.shape[2] > k.shape[2]:
         return False, f"Lq={q.shape[2]} > Lk={k.shape[2]} (queries are the last Lq of the Lk positions)"
-    if (block_q, block_k) != (64, 32):
-        return False, f"block_q={block_q}, block_k={block_k} (the CUDA kernels take 64 and 32)"
+    if (block_q, block_k) != (CUDA_BLOCK_Q, CUDA_BLOCK_K):
+        return False, (f"block_q={block_q}, block_k={block_k} (the CUDA kernels take {CUDA_BLOCK_Q} and "
+                       f"{CUDA_BLOCK_K})")
     if estimate not in ESTIMATE_BITS:
         return False, f"estimate={estimate!r} (the CUDA kernels implement 'int8' and 'int4'; use backend='reference')"
+    if k.shape[2] >= 2**31 // 2 or q.shape[0] * q.shape[1] * k.shape[2] * q.shape[3] >= 2**62:
+        return False, "input too large for the CUDA kernels (32-bit indices)"
     return True, "supported"
 
 
@@ -150,45 +162,14 @@ def default_compute() -> str:
     return _DEFAULT_COMPUTE.get(major, "cuda")
 
 
-def _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, estimate, quant_group):
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        raise ValueError("the CUDA backend needs q, k, v on a CUDA device")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the CUDA backend takes float16 or bfloat16 q/k/v of one dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
-        raise ValueError("q must be [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]")
-    B, Hq, Lq, d = q.shape
-    Lk = k.shape[2]
-    if k.shape[0] != B or k.shape[3] != d:
-        raise ValueError("k/v batch and head_dim must match q")
-    if not 1 <= Lq <= Lk:
-        raise ValueError(f"the CUDA backend needs 1 <= Lq <= Lk (the queries are the last Lq positions), got "
-                         f"Lq={Lq}, Lk={Lk}")
-    if d not in (64, 128):
-        raise ValueError(f"head_dim {d} is not supported by the CUDA backend (64 or 128)")
-    Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if Hq // Hkv > 16:
-        raise ValueError(f"the CUDA backend supports at most 16 query heads per kv head, got {Hq // Hkv}")
-    if block_q != 64:
-        raise ValueError(f"block_q={block_q} is not supported by the CUDA backend (only block_q=64)")
-    if block_k != 32:
-        raise ValueError(f"block_k={block_k} is not supported by the CUDA backend (only block_k=32)")
-    if estimate not in ESTIMATE_BITS:
-        raise ValueError(f"estimate={estimate!r} is not supported by the CUDA backend ('int8' or 'int4'; "
-                         "'none' is in the reference backend)")
-    if quant_group not in ("per_token", "per_block"):
-        raise ValueError(f"quant_group must be 'per_token' or 'per_block', got {quant_group!r}")
-    if sink_tokens < 0 or local_window < 0:
-        raise ValueError("sink_tokens and local_window must be >= 0")
-    if thresholds.shape != (Hq,):
-        raise ValueError(f"thresholds must have shape [{Hq}]")
-    if Lk >= 2**31 // 2 or B * Hq * Lk * d >= 2**62:
-        raise ValueError("input too large for the CUDA backend")
+def _pad(rows: int) -> int:
+    """Rows of a quantized Q/K buffer: whole multiples of CUDA_ROW_PAD."""
+    return math.ceil(rows / CUDA_ROW_PAD) * CUDA_ROW_PAD
+
+
+def _words(blocks: int) -> int:
+    """Bitmap words for this many key blocks."""
+    return math.ceil(blocks / BITMAP_WORD_BITS)
 
 
 def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
@@ -201,7 +182,7 @@ def _selection_chunks(B: int, Hq: int, Hkv: int, L: int, d: int, estimate: str,
     but the number of launches."""
     budget = SELECT_WORKSPACE_BYTES if budget is None else budget
     Lk = L if Lk is None else Lk
-    G, LqPad, LkPad = Hq // Hkv, math.ceil(L / 64) * 64, math.ceil(Lk / 64) * 64
+    G, LqPad, LkPad = Hq // Hkv, _pad(L), _pad(Lk)
     ib = d // 2 if estimate == "int4" else d
     # per kv head and batch entry: the int8 rows of its G query heads with their floats sq and qkm (Lq long), its
     # own int8 rows with sk, and per query head qm and its block maxima (Lk long)
@@ -231,7 +212,7 @@ def _quantize_op(q: torch.Tensor, k: torch.Tensor, per_block: bool, bits: int,
 def _(q, k, per_block, bits, scale):
     B, Hq, Lq, d = q.shape
     Hkv, Lk, ib = k.shape[1], k.shape[2], d // 2 if bits == 4 else d
-    LqPad, LkPad = (Lq + 63) // 64 * 64, (Lk + 63) // 64 * 64
+    LqPad, LkPad = _pad(Lq), _pad(Lk)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(B, Hkv, LkPad, ib, dtype=torch.int8), q.new_empty(B, Hkv, LkPad, **f32),
             q.new_empty(B, Hq, LqPad, ib, dtype=torch.int8), q.new_empty(B, Hq, LqPad, **f32),
@@ -249,8 +230,9 @@ def _select_op(q: torch.Tensor, k: torch.Tensor, qint: torch.Tensor, sq: torch.T
 @_select_op.register_fake
 def _(q, k, qint, sq, kint, sk, qm, qkm, tau, scale, sink_tokens, local_window):
     B, Hq, Lq, _ = q.shape
-    nW = (math.ceil(k.shape[2] / 32) + 31) // 32
-    return q.new_empty(B, Hq, math.ceil(Lq / 64), nW, dtype=torch.int32), q.new_empty(B, Hq, dtype=torch.int32)
+    nW = _words(math.ceil(k.shape[2] / CUDA_BLOCK_K))
+    return (q.new_empty(B, Hq, math.ceil(Lq / CUDA_BLOCK_Q), nW, dtype=torch.int32),
+            q.new_empty(B, Hq, dtype=torch.int32))
 
 
 @torch.library.custom_op("sale::compute", mutates_args=())
@@ -278,7 +260,6 @@ def _on_q_device(fn):
     return wrapper
 
 
-@_on_q_device
 def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_tokens, local_window, estimate,
                         quant_group, need_block_map, need_lse, timing: bool = False, compute: str = "auto",
                         stop_after: str | None = None):
@@ -293,6 +274,8 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
     ``SELECT_WORKSPACE_BYTES`` (at 128K tokens and Llama-3.1-8B shapes: 8 chunks of ~87 MiB instead of 680 MiB);
     the stage timings are then summed over the chunks.
     """
+    from .api import check_arguments  # the public op owns argument validation (and imports this module)
+
     check_compute(compute)
     if stop_after not in STOP_AFTER:
         raise ValueError(f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
@@ -300,10 +283,22 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
         sink_tokens = block_k
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    _validate(q, k, v, thresholds, block_q, block_k, sink_tokens, local_window, estimate, quant_group)
-    tau = thresholds.detach().to(device=q.device, dtype=torch.float32).contiguous()
-    if not bool((tau >= 0).all()):  # one device sync; NaN fails too
-        raise ValueError("thresholds must be >= 0 and not NaN")
+    tau = check_arguments(q, k, v, thresholds, scale, block_q, block_k, sink_tokens, local_window, estimate,
+                          quant_group)
+    ok, why = supports(q, k, block_q=block_q, block_k=block_k, estimate=estimate)
+    if not ok:
+        raise ValueError(f"the CUDA backend does not support this call: {why}")
+    return run(q, k, v, tau, scale=scale, block_q=block_q, block_k=block_k, sink_tokens=sink_tokens,
+               local_window=local_window, estimate=estimate, quant_group=quant_group, need_block_map=need_block_map,
+               need_lse=need_lse, timing=timing, compute=compute, stop_after=stop_after)
+
+
+@_on_q_device
+def run(q, k, v, tau, *, scale: float, block_q, block_k, sink_tokens: int, local_window, estimate, quant_group,
+        need_block_map, need_lse, timing: bool = False, compute: str = "auto", stop_after: str | None = None):
+    """The three passes on arguments already checked (``api.check_arguments``) and supported (``supports``):
+    ``tau`` fp32 on q's device, ``scale`` and ``sink_tokens`` resolved. Returns as ``sale_attention_cuda``."""
+    tau = tau.contiguous()
     if compute == "auto":
         compute = default_compute()
     q = q.contiguous()
@@ -339,7 +334,7 @@ def sale_attention_cuda(q, k, v, thresholds, *, scale, block_q, block_k, sink_to
         return stage_ms
 
     if len(chunks) > 1:
-        bits = q.new_empty(B, Hq, math.ceil(Lq / block_q), (nK + 31) // 32, dtype=torch.int32)
+        bits = q.new_empty(B, Hq, math.ceil(Lq / block_q), _words(nK), dtype=torch.int32)
         pairs = q.new_empty(B, Hq, dtype=torch.int32)
     for b0, b1, h0, h1 in chunks:
         qc, kc, tc = q[b0:b1, h0 * G:h1 * G], k[b0:b1, h0:h1], tau[h0 * G:h1 * G]  # contiguous views

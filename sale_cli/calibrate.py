@@ -27,9 +27,9 @@ from sale_cli.break_even import check_dense_above, default_dense_above
 from sale_cli.data.calibration import KINDS, VALIDATION_SEED0, CalibrationData, validation_samples
 from sale_cli.errors import UserError
 from sale_cli.kernels import sale_attention
+from sale_cli.kernels.constants import TAU0
 from sale_cli.runner import Runner
 
-TAU0 = 0.008
 DEFAULT_THETA = 0.4  # the paper's theta for Llama-3.1-8B; `sale calibrate` and `sale latency` default to it
 FLOOR = 1e-4
 MARGIN = 0.25  # fit against theta * (1 - MARGIN): the headroom for text unlike the calibration samples

@@ -116,7 +116,7 @@ def kv_bytes_per_layer(s: ModelShape, b: int, length: int) -> int:
 # ---------------------------------------------------------------------------------------------- one chunk
 
 
-# How runner.dense_attention runs a dense chunk behind a cached prefix: "split" (runner._split_cudnn, what its
+# How runner.dense_attention runs a dense chunk behind a cached prefix: "split" (kernels.dense.split_cudnn, what its
 # chunk probe picked on the H200; the lower-right bias, flash's path, needs less) or "mask" (the explicit
 # bool mask: the CPU's path, and a GPU's when neither fused path is usable).
 DENSE_CHUNK_PATH = "split"
@@ -126,7 +126,7 @@ def dense_workspace_bytes(s: ModelShape, b: int, a: int, length: int, path: str 
     """SDPA on `a` queries over `length` keys: its fp32 log-sum-exp, and for a chunk behind a cached prefix
     (a < length) the transient of the chunk path (`path`, default DENSE_CHUNK_PATH):
 
-    - "mask": the bottom-right causal mask that runner._sdpa builds as a bool [a, length] and that SDPA turns
+    - "mask": the bottom-right causal mask that kernels.dense.sdpa builds as a bool [a, length] and that SDPA turns
       into an additive mask of the query dtype (one byte plus `b` bytes per element);
     - "split": the prefix's K and V repeated to every query head (`b` bytes), with the first call's output and
       its fp32 copy; later the fp32 merge of the two outputs (two partial outputs and three temporaries).

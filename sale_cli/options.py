@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from sale_cli.kernels import constants
 from sale_cli.kernels.api import BACKENDS, ESTIMATES, QUANT_GROUPS
 
 
@@ -11,14 +12,14 @@ from sale_cli.kernels.api import BACKENDS, ESTIMATES, QUANT_GROUPS
 class SaleOptions:
     """Options of :func:`sale_cli.kernels.sale_attention` other than the thresholds."""
 
-    block_q: int = 64
-    block_k: int = 32
-    sink_tokens: int | None = None
-    local_window: int = 128
-    estimate: str = "int8"
-    quant_group: str = "per_token"
-    dense_below: int = 1024
-    backend: str = "auto"
+    block_q: int = constants.BLOCK_Q
+    block_k: int = constants.BLOCK_K
+    sink_tokens: int | None = constants.SINK_TOKENS
+    local_window: int = constants.LOCAL_WINDOW
+    estimate: str = constants.ESTIMATE
+    quant_group: str = constants.QUANT_GROUP
+    dense_below: int = constants.DENSE_BELOW
+    backend: str = constants.BACKEND
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):

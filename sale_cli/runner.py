@@ -30,13 +30,14 @@ from sale_cli import demo_model
 from sale_cli import thresholds as thresholds_io
 from sale_cli.errors import ModelLoadError
 from sale_cli.kernels import sale_attention
-from sale_cli.kernels.api import bottom_right_mask
+from sale_cli.kernels.constants import BLOCK_Q
+from sale_cli.kernels.dense import sdpa as _sdpa
 from sale_cli.kernels.reference import visible_block_pairs
 from sale_cli.options import SaleOptions
 
 METHODS = ("dense", "sale")
 ATTN_NAME = "sale"
-CHUNK_MULTIPLE = 64  # prefill chunks are whole query blocks of the default block_q
+CHUNK_MULTIPLE = BLOCK_Q  # prefill chunks are whole query blocks of the default block_q
 _log = logging.getLogger(__name__)
 
 
@@ -62,56 +63,10 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dense attention: the fastest exact SDPA backend of this torch, probed once per shape
+# dense attention: the fastest exact SDPA backend of this torch, probed once per shape (the calls: kernels/dense.py)
 
 
 _DENSE_CHOICE: dict[tuple, tuple[str, bool]] = {}
-
-
-def _sdpa(q, k, v, scale, backend: str | None, repeat_kv: bool):
-    """SDPA with the queries as the last Lq of the Lk positions. ``backend`` names an SDPBackend for square
-    calls; for chunks (1 < Lq < Lk) it is "LOWER_RIGHT" (torch's lower-right causal bias, which picks its own
-    fused kernel) or "MASK" (an explicit boolean mask)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-
-    Lq, Lk = q.shape[2], k.shape[2]
-    G = q.shape[1] // k.shape[1]
-    if backend == "SPLIT" and 1 < Lq < Lk:
-        return _split_cudnn(q, k, v, scale)
-    if repeat_kv and G > 1:
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    mask, causal, variant = None, Lq > 1, backend
-    if backend in ("LOWER_RIGHT", "MASK", "SPLIT"):
-        backend = None
-    if 1 < Lq < Lk:  # a chunk: SDPA's is_causal would align the mask top-left
-        mask = causal_lower_right(Lq, Lk) if variant == "LOWER_RIGHT" else bottom_right_mask(Lq, Lk, q.device)
-        causal, backend = False, None
-    kwargs = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=G > 1 and not repeat_kv)
-    if backend is None:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-    with sdpa_kernel([getattr(SDPBackend, backend)]):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def _split_cudnn(q, k, v, scale):
-    """A chunk (1 < Lq < Lk) as two cuDNN attention calls merged by their log-sum-exp: every row sees all of the
-    prefix [0, Lk - Lq) (no mask) and the last Lq keys causally (a square call, where top-left is bottom-right).
-    cuDNN takes no bottom-right mask, and the lower-right bias runs the slower flash kernel on Hopper. Private
-    aten op: the chunk probe checks its output against the explicit mask before it is ever used."""
-    op = torch.ops.aten._scaled_dot_product_cudnn_attention
-    B, H, Lq, _ = q.shape
-    off, G = k.shape[2] - Lq, H // k.shape[1]
-    parts = []
-    for keys, values, causal in ((k[:, :, :off], v[:, :, :off], False), (k[:, :, off:], v[:, :, off:], True)):
-        if G > 1:
-            keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
-        out, lse = op(q, keys.contiguous(), values.contiguous(), None, True, 0.0, causal, False, scale=scale)[:2]
-        parts.append((out.float(), lse.float().reshape(B, H, Lq, 1)))
-    (o1, l1), (o2, l2) = parts
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
-    return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)
 
 
 def _time_ms(fn, device) -> float:
@@ -153,7 +108,7 @@ def _probe(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) 
 
 def _probe_chunk(hq: int, hkv: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[str, bool]:
     """The fastest correct bottom-right variant for a chunk (2K queries over 16K keys): torch's lower-right
-    causal bias (with or without repeated K/V), two cuDNN calls merged (``_split_cudnn``) or an explicit mask;
+    causal bias (with or without repeated K/V), two cuDNN calls merged (``dense.split_cudnn``) or an explicit mask;
     each checked against the mask's output, since a fused kernel may take the bias but mishandle a GQA layout."""
     key = ("chunk", hq, hkv, d, dtype, device)
     if key in _DENSE_CHOICE:

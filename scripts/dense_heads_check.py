@@ -16,7 +16,7 @@ import torch
 
 from sale_cli.eval.bench_op import make_inputs
 from sale_cli.kernels import sale_attention
-from sale_cli.kernels.api import causal_sdpa
+from sale_cli.kernels.dense import causal_sdpa
 
 
 def median_ms(fn, reps: int = 5, warmup: int = 2) -> float:

@@ -437,7 +437,7 @@ def test_unsupported_configurations_raise():
     q96, k96, v96 = _inputs(1, 4, 2, 256, 96, torch.bfloat16, 0, structured=False)
     with pytest.raises(ValueError, match="head_dim"):
         _run_cuda(q96, k96, v96, tau)
-    with pytest.raises(ValueError, match="Lq <= Lk"):  # more queries than keys (Lq < Lk is a chunk: supported)
+    with pytest.raises(ValueError, match="must not exceed k length"):  # more queries than keys (Lq < Lk: a chunk)
         _run_cuda(q, k[:, :, :128], v[:, :, :128], tau)
     with pytest.raises(ValueError):
         _run_cuda(q.float(), k.float(), v.float(), tau)

@@ -3,6 +3,8 @@ torch.compile and export can trace through them. Runs on CPU (meta tensors)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,18 @@ def test_selection_chunks_of_a_chunk():
     for b0, b1, h0, h1 in chunks(2, 12, 4, 1000, 64, "int8", budget, Lk=9000):
         per_head = 1024 * 3 * (64 + 8) + 9024 * (64 + 4 * 3 + 4)
         assert (b1 - b0) * (h1 - h0) * per_head <= budget
+
+
+def test_cuda_backend_checks_through_the_public_op():
+    """Direct callers of the CUDA backend get the public op's argument messages, then its "why not"."""
+    q = torch.randn(1, 2, 64, 64)
+    opts = dict(scale=None, block_q=64, block_k=32, sink_tokens=None, local_window=128, estimate="int8",
+                quant_group="per_token", need_block_map=False, need_lse=False)
+    with pytest.raises(ValueError, match="thresholds must not contain NaN"):
+        cuda_backend.sale_attention_cuda(q, q, q, torch.tensor([0.1, math.nan]), **opts)
+    with pytest.raises(ValueError, match="thresholds must be >= 0"):
+        cuda_backend.sale_attention_cuda(q, q, q, torch.tensor([0.1, -1.0]), **opts)
+    with pytest.raises(ValueError, match=r"q length \(64\) must not exceed k length \(32\)"):
+        cuda_backend.sale_attention_cuda(q, q[:, :, :32], q[:, :, :32], torch.zeros(2), **opts)
+    with pytest.raises(ValueError, match="the CUDA backend does not support this call: q is not a CUDA tensor"):
+        cuda_backend.sale_attention_cuda(q, q, q, torch.zeros(2), **opts)

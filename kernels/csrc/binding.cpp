@@ -24,10 +24,12 @@ void check_qkv(const at::Tensor& x, const char* name) {
               " must be float16 or bfloat16");
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
   const auto d = x.size(3);
-  TORCH_CHECK(d == 64 || d == 128, name, ": head_dim must be 64 or 128, got ", d);
+  TORCH_CHECK(d == sale::kHeadDimSmall || d == sale::kHeadDimLarge, name, ": head_dim must be ", sale::kHeadDimSmall,
+              " or ", sale::kHeadDimLarge, ", got ", d);
 }
 
-int64_t pad64(int64_t L) { return (L + 63) / 64 * 64; }
+// rows of a quantized buffer: whole multiples of sale::kRowPad (64)
+int64_t pad64(int64_t L) { return (L + sale::kRowPad - 1) / sale::kRowPad * sale::kRowPad; }
 
 at::Tensor channel_mean(const at::Tensor& x, cudaStream_t stream) {
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
@@ -55,7 +57,8 @@ std::vector<at::Tensor> sale_quantize(at::Tensor q, at::Tensor k, int64_t per_bl
   TORCH_CHECK(Lq >= 1 && Lq <= Lk, "need 1 <= Lq <= Lk, got Lq=", Lq, ", Lk=", Lk);
   TORCH_CHECK(Hq % Hkv == 0, "Hq must be a multiple of Hkv");
   const int64_t G = Hq / Hkv;
-  TORCH_CHECK(G <= 16, "at most 16 query heads per kv head are supported by the CUDA backend");
+  TORCH_CHECK(G <= sale::kMaxGroup, "at most ", sale::kMaxGroup,
+              " query heads per kv head are supported by the CUDA backend");
   TORCH_CHECK(bits == 8 || bits == 4, "estimate bits must be 8 or 4, got ", bits);
   const int64_t LqPad = pad64(Lq), LkPad = pad64(Lk);
   const int64_t IB = bits == 4 ? D / 2 : D;
@@ -137,7 +140,7 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   TORCH_CHECK((IB == D || IB == D / 2) && qint.size(3) == IB, "quantized rows must be D (int8) or D/2 (int4) bytes");
   const int64_t nQ = (Lq + sale::kBlockQ - 1) / sale::kBlockQ;
   const int64_t nK = (Lk + sale::kBlockK - 1) / sale::kBlockK;
-  const int64_t nW = (nK + 31) / 32;
+  const int64_t nW = (nK + sale::kBitmapWordBits - 1) / sale::kBitmapWordBits;
   auto bits = at::empty({B, Hq, nQ, nW}, q.options().dtype(at::kInt));
   // the row bound's qm: one max per (query head, key block)
   auto qmb = qm.view({B, Hq, LkPad / sale::kBlockK, sale::kBlockK}).amax(-1).contiguous();
@@ -197,7 +200,7 @@ std::vector<at::Tensor> sale_compute(at::Tensor q, at::Tensor k, at::Tensor v, a
   TORCH_CHECK(Lq >= 1 && Lq <= Lk, "need 1 <= Lq <= Lk, got Lq=", Lq, ", Lk=", Lk);
   const int64_t nQ = (Lq + sale::kBlockQ - 1) / sale::kBlockQ;
   const int64_t nK = (Lk + sale::kBlockK - 1) / sale::kBlockK;
-  const int64_t nW = (nK + 31) / 32;
+  const int64_t nW = (nK + sale::kBitmapWordBits - 1) / sale::kBitmapWordBits;
   TORCH_CHECK(bits.size(0) == B && bits.size(1) == Hq && bits.size(2) == nQ && bits.size(3) == nW,
               "bits shape mismatch");
   auto o = at::empty_like(q);

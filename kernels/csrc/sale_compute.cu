@@ -17,6 +17,7 @@
 //   used here: the same output as smoothed K, one rounding fewer, and lse is that of the original logits.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
+#include "sale_static_switch.cuh"
 
 namespace sale {
 
@@ -280,8 +281,8 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
 
 // sm_90a: 64-key tiles of two selected blocks (the second zero-filled and masked when the count is odd), wgmma,
 // a 3-slot ring (tile t+1 loading, K of tile t and V of tile t-1 in use). Only while Q K^T is retired and P V
-// still runs does the softmax touch S; O is rescaled after both are done: any other access to a wgmma's
-// registers in flight makes ptxas serialize the pipeline (C7514 / C7515) or inject waits (C7517).
+// still runs does the softmax touch S; O is rescaled after both are done (never touch a wgmma's registers in
+// flight: docs/KERNEL_NOTES_FOR_DESIGN.md).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputeParams p) {
   constexpr bool BF = TypeTraits<T>::kBF16;
@@ -425,10 +426,9 @@ static cudaError_t compute_dispatch(const ComputeParams& p, cudaStream_t s) {
 }
 
 cudaError_t launch_compute(const ComputeParams& p, int D, bool bf16, cudaStream_t stream) {
-  if (D == 64) return bf16 ? compute_dispatch<__nv_bfloat16, 64>(p, stream) : compute_dispatch<__half, 64>(p, stream);
-  if (D == 128)
-    return bf16 ? compute_dispatch<__nv_bfloat16, 128>(p, stream) : compute_dispatch<__half, 128>(p, stream);
-  return cudaErrorInvalidValue;
+  return SALE_HEADDIM_SWITCH(D, kD, [&] {
+    return SALE_DTYPE_SWITCH(bf16, T, [&] { return compute_dispatch<T, kD>(p, stream); });
+  });
 }
 
 }  // namespace sale

@@ -4,11 +4,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-namespace sale {
+#include "sale_config.cuh"
 
-constexpr int kBlockQ = 64;   // query rows per block (the only supported value)
-constexpr int kBlockK = 32;   // keys per block (the only supported value)
-constexpr int kColsumRows = 256;  // rows per partial column-sum chunk
+namespace sale {
 
 // Whether the current device runs the wgmma kernels: compute capability 9.0 gets the sm_90a build
 // (cuda_backend._arch_flag), every other device a build without wgmma.

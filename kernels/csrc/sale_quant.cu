@@ -5,6 +5,7 @@
 //                   for K also qm[b, hq, j] = q_mean[hq] . k_s[j] for every query head of the group.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
+#include "sale_static_switch.cuh"
 
 namespace sale {
 
@@ -193,13 +194,9 @@ static cudaError_t colsum_dispatch(const void* x, float* partial, int BH, int L,
 
 cudaError_t launch_colsum(const void* x, float* partial, int BH, int L, int D, int nchunk, bool bf16,
                           cudaStream_t stream) {
-  if (D == 64)
-    return bf16 ? colsum_dispatch<__nv_bfloat16, 64>(x, partial, BH, L, nchunk, stream)
-                : colsum_dispatch<__half, 64>(x, partial, BH, L, nchunk, stream);
-  if (D == 128)
-    return bf16 ? colsum_dispatch<__nv_bfloat16, 128>(x, partial, BH, L, nchunk, stream)
-                : colsum_dispatch<__half, 128>(x, partial, BH, L, nchunk, stream);
-  return cudaErrorInvalidValue;
+  return SALE_HEADDIM_SWITCH(D, kD, [&] {
+    return SALE_DTYPE_SWITCH(bf16, T, [&] { return colsum_dispatch<T, kD>(x, partial, BH, L, nchunk, stream); });
+  });
 }
 
 template <typename T, int D>
@@ -210,12 +207,12 @@ static cudaError_t sq_dispatch(const QuantParams& p, int BH, cudaStream_t s) {
 }
 
 cudaError_t launch_smooth_quant(const QuantParams& p, int BH, int D, bool bf16, cudaStream_t stream) {
-  if (p.Lpad % 64 != 0 || p.G > 16 || (p.group_rows != 1 && 64 % p.group_rows != 0)) return cudaErrorInvalidValue;
+  if (p.Lpad % kRowPad != 0 || p.G > kMaxGroup || (p.group_rows != 1 && kRowPad % p.group_rows != 0))
+    return cudaErrorInvalidValue;
   if (!((p.qmax == 127 && p.ib == D) || (p.qmax == 7 && p.ib == D / 2))) return cudaErrorInvalidValue;
-  if (D == 64) return bf16 ? sq_dispatch<__nv_bfloat16, 64>(p, BH, stream) : sq_dispatch<__half, 64>(p, BH, stream);
-  if (D == 128)
-    return bf16 ? sq_dispatch<__nv_bfloat16, 128>(p, BH, stream) : sq_dispatch<__half, 128>(p, BH, stream);
-  return cudaErrorInvalidValue;
+  return SALE_HEADDIM_SWITCH(D, kD, [&] {
+    return SALE_DTYPE_SWITCH(bf16, T, [&] { return sq_dispatch<T, kD>(p, BH, stream); });
+  });
 }
 
 }  // namespace sale
