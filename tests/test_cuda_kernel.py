@@ -5,7 +5,7 @@ L 1025 / 4096 / 8191 x heads 32/8 and 9/3 x d 64 / 128 x fp16 / bf16 x int8 / in
 the heads of each case take the taus 0, 0.001, 0.004, 0.008, 1e9 cyclically. Each case checks:
 - block maps equal the reference's except where an estimate lies within rounding of its threshold: a float64
   oracle recomputes the margin of every differing block from the reference's quantized values, the differing
-  blocks are counted and bounded, and the last test prints the totals;
+  blocks are counted and bounded, and the totals are printed at the end of the run (conftest.py);
 - output and lse vs float64 attention on the kernel's own block map, density vs that map, tau = 0 heads dense,
   tau = 1e9 heads exactly the sink+local set R, every output element written (poisoned allocator).
 Also: compute="flex" on the same block list, per_block groups, GQA 16:1, 7:1, 2:1 and 1:1 (with 3:1, every
@@ -45,6 +45,19 @@ ROUNDING = 1e-3
 # or the step (about 1e-6 relative) may round it either way.
 TIE = 1e-5
 MAP_STATS: list[tuple[str, int, int, float]] = []  # (case, differing blocks, visible blocks, max |margin|)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _block_map_totals(run_summary):
+    """After this module: the totals of its block-map comparisons, for the end of the run (conftest.py)."""
+    yield
+    if not MAP_STATS:
+        return
+    run_summary.append(f"block maps vs reference, {len(MAP_STATS)} comparisons: differing blocks: "
+                       f"{sum(s[1] for s in MAP_STATS)} of {sum(s[2] for s in MAP_STATS)}, "
+                       f"max |margin| = {max(s[3] for s in MAP_STATS):.3g}")
+    run_summary.extend(f"  {name}: {n} of {nvis}, max |margin| = {worst:.3g}" for name, n, nvis, worst in MAP_STATS
+                       if n)
 
 
 def _seed(*params) -> int:
@@ -462,16 +475,3 @@ def test_real_qkv(captured, estimate, dtype):
         q, k, v = (t.to(DEV, dtype) for t in qkv)
         tau = torch.tensor([0.0] + [TAUS[1 + h % 3] for h in range(q.shape[1] - 1)], device=DEV)
         _check_case(_name("real", f"layer{layer}", dtype, estimate), q, k, v, tau, scale=scale, estimate=estimate)
-
-
-def test_zz_block_map_summary(capsys):
-    """Totals of the block-map comparisons above, printed even without -s (for the device log)."""
-    if not MAP_STATS:
-        pytest.skip("no block-map comparison ran")
-    ndiff = sum(s[1] for s in MAP_STATS)
-    with capsys.disabled():
-        print(f"\nblock maps vs reference, {len(MAP_STATS)} comparisons: differing blocks: {ndiff} of "
-              f"{sum(s[2] for s in MAP_STATS)}, max |margin| = {max(s[3] for s in MAP_STATS):.3g}")
-        for name, n, nvis, worst in MAP_STATS:
-            if n:
-                print(f"  {name}: {n} of {nvis}, max |margin| = {worst:.3g}")
