@@ -30,6 +30,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from sale_cli.data import synthetic_qkv  # noqa: E402
 from sale_cli.kernels import cuda_backend, reference  # noqa: E402
 from sale_cli.kernels.reference import sale_attention_reference  # noqa: E402
 
@@ -84,51 +85,18 @@ def _tau(Hq: int) -> torch.Tensor:
 
 
 def _inputs(B, Hq, Hkv, L, d, dtype, seed, *, structured=True, k_offset=1.0):
-    """q [B,Hq,L,d], k and v [B,Hkv,L,d] plus a random per-channel K offset (removed by smoothing).
+    """q [B,Hq,L,d], k and v [B,Hkv,L,d] from data/synthetic_qkv.py plus a random per-channel K offset (removed
+    by smoothing).
 
-    ``structured``: LLM-like peaked attention, built per kv head in an orthonormal basis (sink direction u,
-    heavy direction w, background in the other d-2 dims), logits scale * q.k:
-    - attention sink: key 0 on u, every query 8 (1 + 0.05 N) on u: sink logit about 10 in every row;
-    - heavy keys: in kv head h, a fraction (0.05, 0.1, 0.2, 0.35)[h % 4] of the key blocks holds one key with a
-      random strength on w; queries carry 4 (0.6 + 0.15 (head % 4)) (1 + 0.2 N) on w: heavy logits 2.5-10,
-      spread over the thresholds (10 + ln tau = 3.1, 4.5, 5.2 for tau 0.001, 0.004, 0.008);
-    - local bias: half the rows resemble a key at a log-uniform distance in [1, 4096] (logit 5.4 at d=64,
-      7.8 at d=128);
-    - background logits about N(0, 0.6^2), N(0, 0.76^2) in the rows with a local bias.
-    The means of Q and K are large (sink, heavy and offset), so smoothing and the qm correction matter.
+    ``structured``: LLM-like peaked attention in its ``spread`` variant: sink logit about 10 in every row, heavy
+    logits 2.5-10 spread over the thresholds (10 + ln tau = 3.1, 4.5, 5.2 for tau 0.001, 0.004, 0.008), a local
+    bias in half the rows, background logits about N(0, 0.6^2). The means of Q and K are large (sink, heavy and
+    offset), so smoothing and the qm correction matter. Otherwise q, k, v ~ N(0, 1).
     """
-    g = torch.Generator(device=DEV).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=DEV, generator=g)
-
-    def rand(*shape):
-        return torch.rand(*shape, device=DEV, generator=g)
-
-    v = randn(B, Hkv, L, d)
-    if not structured:
-        q, k = randn(B, Hq, L, d), randn(B, Hkv, L, d)
-    else:
-        G, sd = Hq // Hkv, math.sqrt(d)
-        basis = torch.linalg.qr(randn(B, Hkv, d, d))[0]  # orthonormal columns per (b, kv head)
-        u, w, bg = basis[..., 0], basis[..., 1], basis[..., 2:]
-        kb = randn(B, Hkv, L, d - 2)
-        frac = torch.tensor([(0.05, 0.1, 0.2, 0.35)[h % 4] for h in range(Hkv)], device=DEV)
-        heavy = (rand(B, Hkv, L) < frac[:, None] / BK) * (0.6 + 0.8 * rand(B, Hkv, L))
-        k = kb @ bg.transpose(-1, -2) + (1.75 * sd * heavy)[..., None] * w[:, :, None]
-        k[:, :, 0] = 1.25 * sd * u
-        pos = torch.arange(L, device=DEV)
-        src = pos - torch.exp(rand(B, Hq, L) * math.log(4096)).long()
-        near = (rand(B, Hq, L) < 0.5) & (src > 0)
-        kb_src = torch.gather(kb.repeat_interleave(G, 1), 2, src.clamp(min=0)[..., None].expand(-1, -1, -1, d - 2))
-        qb = 0.6 * randn(B, Hq, L, d - 2)
-        qb = torch.where(near[..., None], 0.5 * qb + 0.7 * kb_src, qb)
-        a = 8.0 * (1 + 0.05 * randn(B, Hq, L, 1))
-        c = 4.0 * (0.6 + 0.15 * (torch.arange(Hq, device=DEV) % 4))[:, None, None] * (1 + 0.2 * randn(B, Hq, L, 1))
-        ug, wg, bgg = (x.repeat_interleave(G, 1) for x in (u, w, bg))
-        q = qb @ bgg.transpose(-1, -2) + a * ug[:, :, None] + c * wg[:, :, None]
-    k = k + k_offset * randn(B, Hkv, 1, d)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    kind = "structured" if structured else "random"
+    options = dict(spread=True, block_k=BK) if structured else {}
+    return synthetic_qkv.make_inputs(kind, L, Hq, Hkv, d, dtype, seed, device=DEV, batch=B, k_offset=k_offset,
+                                     **options)
 
 
 def _run_cuda(q, k, v, tau, **kw):
