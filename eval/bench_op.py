@@ -466,7 +466,7 @@ def bench_table(rows: Sequence[dict], title: str) -> Table:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """All rows as one Markdown table (for docs/PERF.md)."""
+    """All rows as one Markdown table (for docs/BENCHMARKS.md)."""
     headers = ["L", *(h.replace("\n", " ") for h in HEADERS), "note"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
