@@ -9,7 +9,6 @@ medians, inputs rotated between two sets.
 
 from __future__ import annotations
 
-import math
 import shlex
 import statistics
 import sys
@@ -24,12 +23,13 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from sale_cli.data.synthetic_qkv import KINDS, make_inputs
 from sale_cli.eval.common import atomic_write_json, software_versions
 from sale_cli.kernels import constants
 
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536, 131072)
 DEFAULT_TAUS = (0.001, 0.004, 0.008)
-DATA = ("structured", "random")
+DATA = KINDS
 DTYPES = ("bf16", "fp16")
 ESTIMATES = ("int8", "int4")
 COMPUTES = ("cuda", "flex")
@@ -38,72 +38,11 @@ GRANULARITIES = ("64x32", "128x64", "128x128")
 BLOCK_Q, BLOCK_K = constants.BLOCK_Q, constants.BLOCK_K  # the selection's blocks; coarser granularities OR-pool them
 LOCAL_WINDOW = constants.LOCAL_WINDOW
 INPUT_SETS = 2  # rotated between calls, so that caches do not flatter
-HEAVY_FRACTIONS = (0.05, 0.1, 0.2, 0.35)
 ROW_FIELDS = (
     "length", "data", "kind", "method", "backend", "gqa", "estimate", "compute", "tau", "tau_label",
     "granularity", "density", "ms", "ms_runs", "peak_mib", "select_peak_mib", "quant_ms", "select_ms", "compute_ms",
     "note", "error",
 )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- synthetic data
-
-
-def make_random(length, heads, kv_heads, head_dim, dtype, seed, device="cuda"):
-    """q, k, v ~ N(0, 1): flat attention, so nearly every block passes (density ~1)."""
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(1, heads, length, head_dim, device=device, generator=g)
-    k = torch.randn(1, kv_heads, length, head_dim, device=device, generator=g)
-    v = torch.randn(1, kv_heads, length, head_dim, device=device, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def make_structured(length, heads, kv_heads, head_dim, dtype, seed, device="cuda"):
-    """LLM-like peaked attention, built in an orthonormal basis per kv head (sink direction u, heavy direction
-    w, background in the other d-2 dims):
-    - attention sink: key 0 = 10 sqrt(d)/8 u, every query has 8 u -> sink logit 10 for every row (stable);
-    - heavy keys: in kv head h a fraction HEAVY_FRACTIONS[h % 4] of the key blocks holds one key with
-      +7 sqrt(d)/4 w; queries carry (0.8 + 0.1 j) 4 w -> heavy logits 5.6-7.7, above the threshold
-      (10 + ln 0.004 = 4.5);
-    - local bias: half the rows resemble a key at a log-uniform distance in [1, 4096];
-    - background logits ~N(0, 1).
-    Density at tau 0.004 is about the heavy fraction plus a few percent (0.1-0.25 at 32K-128K)."""
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    groups = heads // kv_heads
-    q = torch.empty(1, heads, length, head_dim, device=device)
-    k = torch.empty(1, kv_heads, length, head_dim, device=device)
-    v = torch.randn(1, kv_heads, length, head_dim, device=device, generator=g).to(dtype)
-    sd = math.sqrt(head_dim)
-    n_blocks = (length + BLOCK_K - 1) // BLOCK_K
-    pos = torch.arange(length, device=device)
-    for kh in range(kv_heads):
-        basis, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, device=device, generator=g))
-        u, w, bg = basis[:, 0], basis[:, 1], basis[:, 2:]
-        kb = torch.randn(length, head_dim - 2, device=device, generator=g)
-        kk = kb @ bg.T
-        kk[0] = (10.0 * sd / 8.0) * u
-        n_heavy = int(HEAVY_FRACTIONS[kh % len(HEAVY_FRACTIONS)] * n_blocks)
-        heavy = 1 + (torch.rand(n_heavy, device=device, generator=g) * (length - 1)).long()
-        kk[heavy] += (7.0 * sd / 4.0) * w
-        k[0, kh] = kk
-        for j in range(groups):
-            qb = torch.randn(length, head_dim - 2, device=device, generator=g)
-            dist = torch.exp(torch.rand(length, device=device, generator=g) * math.log(4096)).long()
-            src = (pos - dist).clamp(min=0)
-            sel = (torch.rand(length, device=device, generator=g) < 0.5) & (src > 0)
-            qb = torch.where(sel[:, None], 0.6 * qb + 0.9 * kb[src], qb)
-            q[0, kh * groups + j] = qb @ bg.T + 8.0 * u + (4.0 * (0.8 + 0.1 * j)) * w
-    return q.to(dtype), k.to(dtype), v
-
-
-def make_inputs(data, length, heads, kv_heads, head_dim, dtype, seed, device="cuda"):
-    """(q [1, Hq, L, d], k, v [1, Hkv, L, d]) of the named synthetic data."""
-    make = {"structured": make_structured, "random": make_random}[data]
-    return make(length, heads, kv_heads, head_dim, dtype, seed, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -515,7 +454,7 @@ def bench_table(rows: Sequence[dict], title: str) -> Table:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """All rows as one Markdown table (for docs/PERF.md)."""
+    """All rows as one Markdown table (for docs/BENCHMARKS.md)."""
     headers = ["L", *(h.replace("\n", " ") for h in HEADERS), "note"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:

@@ -21,7 +21,7 @@ Three passes, each a kernel launch on the current stream (sources in ``kernels/c
             ``"auto"``: the faster one measured on this GPU architecture (``default_compute``).
 
 One kernel per pass (sale_quant.cu, sale_select.cu, sale_compute.cu), each registered as a torch.library custom
-op (``torch.ops.sale.quantize`` / ``select`` / ``compute``); docs/PERF_KERNEL_NOTES.md has the history.
+op (``torch.ops.sale.quantize`` / ``select`` / ``compute``); docs/history/PERF_KERNEL_NOTES.md has the history.
 
 Chunks (``Lq < Lk``, docs/SPEC.md): the queries are the last ``Lq`` of the ``Lk`` positions
 (bottom-right causal); each pass takes the offset ``Lk - Lq`` as a runtime value: K's statistics run over the Lk
@@ -55,7 +55,7 @@ from .constants import (
 ESTIMATE_BITS = {"int8": 8, "int4": 4}
 COMPUTES = ("auto", "cuda", "flex")
 STOP_AFTER = (None, "quant", "select")
-# The faster computation pass per compute capability major, from `sale bench-op` (docs/PERF.md); "cuda" where
+# The faster computation pass per compute capability major, from `sale bench-op` (docs/BENCHMARKS.md); "cuda" where
 # nothing was measured. H100 (9.x), 2026-11-25, 16K tokens, 64x32 blocks: own kernel (wgmma) 1.37 ms vs
 # FlexAttention 3.26 ms at density 0.22, 5.47 vs 13.86 ms dense; H200, 2026-11-26, 32K: 2.66 vs 7.14 ms at
 # density 0.13, 16.55 vs 43.44 ms dense.

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from sale_cli.eval.bench_op import make_inputs
+from sale_cli.data.synthetic_qkv import make_inputs
 from sale_cli.kernels import cuda_backend
 
 HQ, HKV, D = 32, 8, 128

@@ -24,7 +24,7 @@ import statistics
 import torch
 from torch.utils.cpp_extension import load
 
-from sale_cli.eval.bench_op import make_inputs
+from sale_cli.data.synthetic_qkv import make_inputs
 from sale_cli.kernels import cuda_backend
 
 SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_compute.cu")

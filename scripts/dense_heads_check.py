@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from sale_cli.eval.bench_op import make_inputs
+from sale_cli.data.synthetic_qkv import make_inputs
 from sale_cli.kernels import sale_attention
 from sale_cli.kernels.dense import causal_sdpa
 

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from sale_cli.eval.bench_op import make_inputs
+from sale_cli.data.synthetic_qkv import make_inputs
 from sale_cli.kernels import cuda_backend
 
 

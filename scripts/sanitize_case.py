@@ -8,8 +8,8 @@ Build the extension outside the sanitizer first (the build is cached):
 
 Default set (16 calls): B=1, L 777 (Hq=4, Hkv=2: two heads per selection CTA) and 1025 (Hq=8, Hkv=2: four), ragged
 query and key blocks, d 64 and 128, bf16 and fp16, int8 and int4, compute="cuda", with lse and block map; the heads
-take tau 0, 0.004, 0.05, 1e9 cyclically (dense, mixed, nearly R only, R only) on inputs with an attention sink, so
-blocks are both computed and skipped.
+take tau 0, 0.004, 0.05, 1e9 cyclically (dense, mixed, nearly R only, R only) on the structured inputs of
+data/synthetic_qkv.py (an attention sink, heavy keys), so blocks are both computed and skipped.
 --racecheck: 4 bf16 calls (L 777 d 64, L 1025 d 128; int8 and int4), kernel outputs only (no block map).
 Prints one summary line.
 """
@@ -18,24 +18,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 
 import torch
 
-
-def _inputs(L, d, dtype, seed, Hq=4, Hkv=2):
-    """Random q, k, v with a sink: key 0 has logit 10 for every query (the thresholds then prune blocks)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(1, Hq, L, d, device="cuda", generator=g)
-    k = torch.randn(1, Hkv, L, d, device="cuda", generator=g)
-    v = torch.randn(1, Hkv, L, d, device="cuda", generator=g)
-    u = torch.randn(d, device="cuda", generator=g)
-    u = u / u.norm()
-    k[:, :, 0] = 1.25 * math.sqrt(d) * u
-    q = q + 8.0 * u
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
+from sale_cli.data.synthetic_qkv import make_inputs
 
 HEADS = {777: (4, 2), 1025: (8, 2)}  # (Hq, Hkv) per length
 
@@ -45,7 +32,7 @@ def _call(L, d, dtype, estimate, checks: bool) -> str | None:
     from sale_cli.kernels import cuda_backend
 
     Hq, Hkv = HEADS[L]
-    q, k, v = _inputs(L, d, dtype, seed=L * 1000 + d, Hq=Hq, Hkv=Hkv)
+    q, k, v = make_inputs("structured", L, Hq, Hkv, d, dtype, seed=L * 1000 + d)
     tau = torch.tensor([0.0, 0.004, 0.05, 1e9], device="cuda").repeat(Hq // 4)
     out, lse, bmap, density, _ = cuda_backend.sale_attention_cuda(
         q, k, v, tau, scale=None, block_q=64, block_k=32, sink_tokens=None, local_window=128, estimate=estimate,

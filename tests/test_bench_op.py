@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from sale_cli.cli import app
 from sale_cli.commands import bench_op as bench_op_command
 from sale_cli.commands.common import parse_choices
+from sale_cli.data.synthetic_qkv import make_inputs, random_qkv
 from sale_cli.eval import bench_op
 from sale_cli.kernels import block_sparse
 
@@ -129,7 +130,7 @@ def test_measure_rotates_input_sets_after_warmup():
 
 def test_structured_data_on_cpu_has_a_sink():
     L, heads, kv_heads, d = 256, 8, 2, 64
-    q, k, v = bench_op.make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=0, device="cpu")
+    q, k, v = make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=0, device="cpu")
     assert q.shape == (1, heads, L, d) and k.shape == v.shape == (1, kv_heads, L, d)
     assert q.dtype == k.dtype == v.dtype == torch.bfloat16
     kr = k.float().repeat_interleave(heads // kv_heads, 1)
@@ -138,11 +139,11 @@ def test_structured_data_on_cpu_has_a_sink():
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     probs = logits.masked_fill(~causal, -math.inf).softmax(-1)
     assert (probs.mean(dim=2).argmax(-1) == 0).all()  # key 0 takes the most attention in every head
-    again = bench_op.make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=0, device="cpu")
-    other = bench_op.make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=1, device="cpu")
+    again = make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=0, device="cpu")
+    other = make_inputs("structured", L, heads, kv_heads, d, torch.bfloat16, seed=1, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), again, strict=True))
     assert not torch.equal(q, other[0])
-    rq, rk, rv = bench_op.make_inputs("random", L, heads, kv_heads, d, torch.float16, seed=0, device="cpu")
+    rq, rk, rv = make_inputs("random", L, heads, kv_heads, d, torch.float16, seed=0, device="cpu")
     assert rq.shape == q.shape and rk.shape == rv.shape == k.shape and rq.dtype == torch.float16
 
 
@@ -249,7 +250,7 @@ def test_sdpa_repeats_kv_when_a_backend_rejects_gqa(monkeypatch):
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_gqa)
-    inputs = [bench_op.make_random(128, 4, 2, 32, torch.float32, seed=s, device="cpu") for s in range(2)]
+    inputs = [random_qkv(128, 4, 2, 32, torch.float32, seed=s, device="cpu") for s in range(2)]
     call, gqa = bench_op._sdpa_call("flash", inputs)
     q, k, v = inputs[1]
     assert gqa == "repeated"
@@ -265,7 +266,7 @@ def test_calls_bind_to_the_cuda_backend_signature():
 
     signature = inspect.signature(cuda_backend.sale_attention_cuda)
     ops = bench_op.Ops(SimpleNamespace(sale_attention_cuda=lambda *a, **kw: signature.bind(*a, **kw)), None)
-    inputs = [bench_op.make_random(64, 2, 1, 16, torch.float32, seed=s, device="cpu") for s in range(2)]
+    inputs = [random_qkv(64, 2, 1, 16, torch.float32, seed=s, device="cpu") for s in range(2)]
     bound = bench_op._sale_call(ops, inputs, torch.zeros(2), "int4", "flex", stop_after="select")(1)
     assert bound.arguments["compute"] == "flex" and bound.arguments["stop_after"] == "select"
     assert bound.arguments["q"] is inputs[1][0] and set(cuda_backend.STOP_AFTER) >= {None, "quant", "select"}

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import cpu_runner, head_errors, save_tiny_model
 
 from sale_cli import calibrate as calib
 from sale_cli import thresholds as thresholds_io
@@ -16,9 +17,7 @@ from sale_cli.data.calibration import (
     validation_samples,
 )
 from sale_cli.errors import UserError
-from sale_cli.kernels import sale_attention
 from sale_cli.options import SaleOptions
-from sale_cli.runner import load_runner
 
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. {\"a1b2\": \"c3d4\"}\n"
         "def load_record(self, x: int) -> str:\n    \"\"\"Return the value.\"\"\"\n    return x + 1\n"
@@ -27,28 +26,13 @@ TEXT = ("It was a bright cold day in April, and the clocks were striking thirtee
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from sale_cli.eval.niah import train_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    tok = train_tokenizer(TEXT, vocab_size=400)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096))
-    with torch.no_grad():  # sharper attention than the default init, so that sparsity shows
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """A random 2-layer Llama with sharpened attention (sparsity shows), and a tokenizer that knows code."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), TEXT)
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_dir):
-    return load_runner(str(tiny_dir), dtype="float32", device="cpu", options=SaleOptions(dense_below=0))
+    return cpu_runner(tiny_dir, options=SaleOptions(dense_below=0))
 
 
 def _count(runner):
@@ -143,20 +127,6 @@ def test_bad_data_is_one_clear_error(runner, tmp_path):
         validation_samples(0, 300, count)
 
 
-def _oracle_errors(runner, tau, ids):
-    """Each head's err at ``tau``, computed here in float64 from the op's output (independent of calibrate.py)."""
-    errors = {}
-
-    def hook(layer, q, k, v, dense_out, scale):
-        out = sale_attention(q, k, v, tau[layer], scale=scale, **runner.options.op_kwargs())
-        errors[layer] = (out.double() - dense_out.double()).abs().sum(dim=(2, 3)).mean(0) / q.shape[2]
-
-    runner.set_method("dense")
-    with runner.capture(hook):
-        runner.prefill(ids)
-    return torch.stack([errors[i] for i in range(len(errors))]).float()
-
-
 def test_mix_calibration_meets_the_margin_and_records_its_data(runner, tmp_path):
     theta, margin = 0.02, 0.25
     out = tmp_path / "theta_0.02.safetensors"
@@ -171,7 +141,7 @@ def test_mix_calibration_meets_the_margin_and_records_its_data(runner, tmp_path)
     data = CalibrationData("mix")
     for i in range(3):  # every calibration sample stays below the tightened bound at the final tau
         ids = calib._ids(runner, data.sample(i, 500, count).text)
-        want = _oracle_errors(runner, tau, ids)
+        want = head_errors(runner, tau, ids)
         err, density = calib.measure(runner, tau, ids)
         assert torch.allclose(err, want, rtol=1e-4, atol=1e-6)
         assert (want[tau > 0] < theta * (1 - margin)).all(), (want, tau)
@@ -192,7 +162,7 @@ def test_check_report_fields_and_its_file(runner, tmp_path):
     count = _count(runner)
     for kind, r in written["kinds"].items():
         assert r["seeds"] == [VALIDATION_SEED0, VALIDATION_SEED0 + 1]
-        errs = [_oracle_errors(runner, tau, calib._ids(runner, builtin_sample(kind, s, 300, count, "validation")))
+        errs = [head_errors(runner, tau, calib._ids(runner, builtin_sample(kind, s, 300, count, "validation")))
                 for s in r["seeds"]]
         err = torch.stack(errs)
         assert r["heads_below_theta"] == pytest.approx((err < theta).float().mean().item())

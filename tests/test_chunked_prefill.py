@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import cpu_runner, random_ids, save_tiny_model
 
 from sale_cli import thresholds as thresholds_io
 from sale_cli.calibrate import calibrate
@@ -20,42 +21,17 @@ TEXT = ("The quick brown fox jumps over the lazy dog. {\"k9\": \"v7\"} Extract t
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny_dir(request, tmp_path_factory):
     """A random 2-layer model (4 query heads, 2 kv heads) with sharpened attention, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    from sale_cli.eval.niah import train_tokenizer
-
-    path = tmp_path_factory.mktemp(request.param)
-    tok = train_tokenizer(TEXT, vocab_size=400)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    config = LlamaConfig(**common) if request.param == "llama" else Qwen2Config(**common)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _ids(n, vocab, seed=0):
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _runner(path, **kw):
-    return load_runner(str(path), dtype="float32", device="cpu", **kw)
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), TEXT, arch=request.param)
 
 
 @pytest.mark.parametrize("method", ["dense", "sale"])
 def test_chunked_prefill_equals_the_whole_prompt(tiny_dir, method):
     # estimate 'none': the chunks' block maps are the whole call's rows (softmax is shift-invariant), so the
     # logits and the aggregated density must agree to fp tolerance
-    runner = _runner(tiny_dir, options=SaleOptions(dense_below=0, estimate="none"), prefill_chunk=0)
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0, estimate="none"), prefill_chunk=0)
     if method == "sale":
         runner.set_method("sale", torch.full((2, 4), 0.2))
-    ids = _ids(700, runner.model.config.vocab_size, seed=1)
+    ids = random_ids(700, runner.model.config.vocab_size, seed=1)
     whole = runner.prefill(ids)
     calls = []
     runner.set_prefill_chunk(192)
@@ -75,10 +51,10 @@ def test_chunked_prefill_equals_the_whole_prompt(tiny_dir, method):
 
 @pytest.mark.parametrize("method", ["dense", "sale"])
 def test_greedy_answers_equal_chunked_and_whole(tiny_dir, method):
-    runner = _runner(tiny_dir, options=SaleOptions(dense_below=0))  # int8 estimate, the default
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0))  # int8 estimate, the default
     if method == "sale":
         runner.set_method("sale", torch.full((2, 4), 0.05))
-    ids = _ids(641, runner.model.config.vocab_size, seed=2)[0].tolist()  # chunks of 128: the last has 1 row
+    ids = random_ids(641, runner.model.config.vocab_size, seed=2)[0].tolist()  # chunks of 128: the last has 1 row
     assert runner.prefill_chunk == 0, "the default on CPU is the whole prompt"
     whole = runner.generate(ids, max_new_tokens=6, min_new_tokens=6)
     runner.set_prefill_chunk(128)
@@ -92,7 +68,7 @@ def test_greedy_answers_equal_chunked_and_whole(tiny_dir, method):
 
 
 def test_a_one_token_last_chunk_goes_through_sale(tiny_dir):
-    runner = _runner(tiny_dir, options=SaleOptions(dense_below=0, estimate="none"), prefill_chunk=256)
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0, estimate="none"), prefill_chunk=256)
     runner.set_method("sale", torch.full((2, 4), 0.2))
     seen = []
     original = sale_attention
@@ -105,22 +81,22 @@ def test_a_one_token_last_chunk_goes_through_sale(tiny_dir):
 
     runner_module.sale_attention = spy
     try:
-        chunked = runner.prefill(_ids(513, runner.model.config.vocab_size, seed=3))
+        chunked = runner.prefill(random_ids(513, runner.model.config.vocab_size, seed=3))
     finally:
         runner_module.sale_attention = original
     assert seen == [(256, 256)] * 2 + [(256, 512)] * 2 + [(1, 513)] * 2
     runner.set_prefill_chunk(0)
-    whole = runner.prefill(_ids(513, runner.model.config.vocab_size, seed=3))
+    whole = runner.prefill(random_ids(513, runner.model.config.vocab_size, seed=3))
     assert torch.allclose(chunked.logits_last, whole.logits_last, atol=1e-4)
 
 
 def test_only_the_last_position_reaches_the_head(tiny_dir):
-    runner = _runner(tiny_dir, prefill_chunk=128)
+    runner = cpu_runner(tiny_dir, prefill_chunk=128)
     shapes = []
     handle = runner.model.lm_head.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
     try:
-        runner.prefill(_ids(300, runner.model.config.vocab_size))
-        runner.generate(_ids(300, runner.model.config.vocab_size)[0].tolist(), max_new_tokens=2, min_new_tokens=2)
+        runner.prefill(random_ids(300, runner.model.config.vocab_size))
+        runner.generate(random_ids(300, runner.model.config.vocab_size)[0].tolist(), max_new_tokens=2, min_new_tokens=2)
     finally:
         handle.remove()
     vocab = runner.model.config.vocab_size
@@ -130,7 +106,7 @@ def test_only_the_last_position_reaches_the_head(tiny_dir):
 def test_calibration_with_chunks_records_the_chunk_and_bounds_every_chunk(tiny_dir, tmp_path):
     from sale_cli.data.calibration import kv_retrieval_sample
 
-    runner = _runner(tiny_dir, options=SaleOptions(dense_below=0), prefill_chunk=256)
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0), prefill_chunk=256)
     theta, out = 0.05, tmp_path / "t.safetensors"
     tau, density = calibrate(runner, theta, samples=1, tokens=600, out=out, tau0=0.64, progress=False)
     _, meta = thresholds_io.load(out)
@@ -159,7 +135,7 @@ def test_chunk_mismatch_with_the_thresholds_file_is_a_one_line_warning(tiny_dir,
                               theta=0.4, tau0=0.008, samples=1, tokens=600, options=SaleOptions(),
                               prefill_chunk=256)
     with caplog.at_level(logging.WARNING, logger="sale_cli.runner"):
-        runner = _runner(tiny_dir, method="sale", thresholds=path, prefill_chunk=256)
+        runner = cpu_runner(tiny_dir, method="sale", thresholds=path, prefill_chunk=256)
         assert not caplog.records
         runner.set_prefill_chunk(512)
     assert len(caplog.records) == 1
@@ -167,7 +143,7 @@ def test_chunk_mismatch_with_the_thresholds_file_is_a_one_line_warning(tiny_dir,
     assert "\n" not in message and "--prefill-chunk 256" in message and "--prefill-chunk 512" in message
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sale_cli.runner"):
-        _runner(tiny_dir, method="sale", thresholds=path, prefill_chunk=0)
+        cpu_runner(tiny_dir, method="sale", thresholds=path, prefill_chunk=0)
     assert len(caplog.records) == 1 and "0 (whole prompt)" in caplog.records[0].getMessage()
 
 
@@ -181,8 +157,8 @@ def test_prefill_chunk_validation_messages(tiny_dir):
     with pytest.raises(ValueError, match="--prefill-chunk must be"):
         load_runner("owner/not-loaded", prefill_chunk=96)  # refused before anything is loaded
     with pytest.raises(ValueError, match="--prefill-chunk 8192 exceeds"):
-        _runner(tiny_dir, prefill_chunk=8192)
-    runner = _runner(tiny_dir)
+        cpu_runner(tiny_dir, prefill_chunk=8192)
+    runner = cpu_runner(tiny_dir)
     with pytest.raises(ValueError, match="--prefill-chunk must be"):
         runner.set_prefill_chunk(65)
     assert runner.prefill_chunk == 0
@@ -312,27 +288,14 @@ def test_demo_model_passkey_answers_equal_chunked_and_whole(tmp_path):
 @pytest.mark.parametrize("method", ["dense", "sale"])
 def test_chunked_prefill_on_cuda_matches_the_whole_prompt(tmp_path, method):
     """On a GPU the chunk calls reach the CUDA kernel (Lq < Lk) and the lower-right dense path."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from sale_cli.eval.niah import train_tokenizer
-
-    tok = train_tokenizer(TEXT, vocab_size=300)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(6)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    save_tiny_model(tmp_path, TEXT, vocab_size=300, hidden_size=256, intermediate_size=512, max_positions=8192,
+                    sharpen=6.0)
     runner = load_runner(str(tmp_path), dtype="bfloat16", device="cuda", options=SaleOptions(dense_below=0),
                          prefill_chunk=0)
     if method == "sale":
         runner.set_method("sale", torch.full((2, 4), 0.3))
         assert runner.sale_backend == "cuda"
-    ids = _ids(3000, runner.model.config.vocab_size, seed=4)
+    ids = random_ids(3000, runner.model.config.vocab_size, seed=4)
     whole = runner.prefill(ids)
     runner.set_prefill_chunk(1024)
     chunked = runner.prefill(ids)

@@ -17,24 +17,11 @@ from typer.testing import CliRunner
 
 from sale_cli import thresholds as thresholds_io
 from sale_cli.cli import app
-from sale_cli.eval import niah
 from sale_cli.options import SaleOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LB_DATA = Path(__file__).parent / "fixtures" / "longbench"
 IB_DATA = Path(__file__).parent / "fixtures" / "infinitebench"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (4 heads) with a byte-level tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    config = niah.write_config_dir(path, preset="tiny", vocab_size=512)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def sale(*args: str, env: dict | None = None):
@@ -126,12 +113,12 @@ def test_calibrate_out_is_checked_before_loading(tmp_path):
 # models
 
 
-def test_bad_gguf_and_truncated_weights(tiny, tmp_path):
+def test_bad_gguf_and_truncated_weights(tiny_llama, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     assert_user_error(sale("calibrate", bad, "--out", tmp_path / "t.safetensors"), "bad.gguf")
     broken = tmp_path / "broken"
-    shutil.copytree(tiny, broken)
+    shutil.copytree(tiny_llama, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50_000])
     assert_user_error(sale("calibrate", broken, "--out", tmp_path / "t.safetensors"), "could not load model",
@@ -162,13 +149,13 @@ def test_mistyped_hub_id_fails_fast(command, outcome, tmp_path, monkeypatch):
     assert calls == ["meta-lama/Llama-3.1-8B"]  # one query, no retries
 
 
-def test_device_names_are_checked(tiny, tmp_path):
-    assert_user_error(sale("calibrate", tiny, "--device", "gpu", "--out", tmp_path / "t.safetensors"),
+def test_device_names_are_checked(tiny_llama, tmp_path):
+    assert_user_error(sale("calibrate", tiny_llama, "--device", "gpu", "--out", tmp_path / "t.safetensors"),
                       "--device", "'gpu'")
     if not torch.cuda.is_available():
-        assert_user_error(sale("calibrate", tiny, "--device", "cuda", "--out", tmp_path / "t.safetensors"),
+        assert_user_error(sale("calibrate", tiny_llama, "--device", "cuda", "--out", tmp_path / "t.safetensors"),
                           "--device cuda", "--device cpu")
-        assert_user_error(sale("longbench", tiny, "--exp", "x", "--device", "cuda:0", "--results-dir", tmp_path,
+        assert_user_error(sale("longbench", tiny_llama, "--exp", "x", "--device", "cuda:0", "--results-dir", tmp_path,
                                "--data-dir", LB_DATA, "--datasets", "trec"), "--device cuda:0")
 
 
@@ -190,21 +177,21 @@ def test_thresholds_loader_rejects_non_finite_and_negative(bad, tmp_path):
         thresholds_io.load(path)
 
 
-def test_corrupt_thresholds_and_partial_files(tiny, tmp_path):
+def test_corrupt_thresholds_and_partial_files(tiny_llama, tmp_path):
     good = _save_tau(tmp_path / "good.safetensors", torch.full((2, 4), 0.004))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:60])
     with pytest.raises(ValueError, match="cut.safetensors: not a readable .safetensors file"):
         thresholds_io.load(cut)
     data = ["--results-dir", tmp_path, "--data-dir", LB_DATA, "--datasets", "trec", "--limit", "1"]
-    assert_user_error(sale("longbench", tiny, "--exp", "x", "--method", "sale", "--thresholds", cut, *data),
+    assert_user_error(sale("longbench", tiny_llama, "--exp", "x", "--method", "sale", "--thresholds", cut, *data),
                       str(cut))
     # calibrate: a broken partial file of an interrupted run says how to start afresh
     out = tmp_path / "cal" / "theta.safetensors"
     out.parent.mkdir()
     partial = out.with_name("theta.partial.safetensors")
     partial.write_bytes(b"\x00" * 20)
-    assert_user_error(sale("calibrate", tiny, "--out", out, "--tokens", "64", "--samples", "1"), str(partial),
+    assert_user_error(sale("calibrate", tiny_llama, "--out", out, "--tokens", "64", "--samples", "1"), str(partial),
                       "delete it")
 
 
@@ -233,12 +220,12 @@ def _trec_lines() -> list[str]:
     return (LB_DATA / "trec.jsonl").read_text(encoding="utf-8").splitlines()
 
 
-def _lb(tiny, tmp_path, data_dir, *more):
-    return sale("longbench", tiny, "--exp", "e", "--results-dir", tmp_path / "r", "--data-dir", data_dir,
+def _lb(tiny_llama, tmp_path, data_dir, *more):
+    return sale("longbench", tiny_llama, "--exp", "e", "--results-dir", tmp_path / "r", "--data-dir", data_dir,
                 "--datasets", "trec", "--max-length", "200", "--device", "cpu", "--dtype", "float32", *more)
 
 
-def test_bad_data_lines_name_file_and_line(tiny, tmp_path):
+def test_bad_data_lines_name_file_and_line(tiny_llama, tmp_path):
     lines = _trec_lines()
     data = tmp_path / "data"
     no_answers = json.loads(lines[1])
@@ -252,24 +239,24 @@ def test_bad_data_lines_name_file_and_line(tiny, tmp_path):
     }
     for name, (rows, raw, words) in cases.items():
         _write_lines(data / "trec.jsonl", rows, raw)
-        result = _lb(tiny, tmp_path, data)
+        result = _lb(tiny_llama, tmp_path, data)
         assert_user_error(result, *words)
         assert "no predictions" not in result.output, name
 
 
-def test_bom_is_accepted_and_failed_run_does_not_block_its_rerun(tiny, tmp_path):
+def test_bom_is_accepted_and_failed_run_does_not_block_its_rerun(tiny_llama, tmp_path):
     data = tmp_path / "data"
     lines = _trec_lines()
     _write_lines(data / "trec.jsonl", [], b"\xef\xbb\xbf" + "".join(ln + "\n" for ln in lines[:1] + ["{"]).encode())
-    assert_user_error(_lb(tiny, tmp_path, data, "--limit", "2"), "trec.jsonl:2")  # fails before any prediction
+    assert_user_error(_lb(tiny_llama, tmp_path, data, "--limit", "2"), "trec.jsonl:2")  # fails before any prediction
     assert (tmp_path / "r/e/longbench/run.json").exists()
     _write_lines(data / "trec.jsonl", [], b"\xef\xbb\xbf" + "".join(ln + "\n" for ln in lines[:2]).encode())
-    result = _lb(tiny, tmp_path, data, "--limit", "2", "--max-length", "220")  # another configuration: accepted
+    result = _lb(tiny_llama, tmp_path, data, "--limit", "2", "--max-length", "220")  # another configuration: accepted
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r/e/longbench/run.json").read_text())["max_length"] == 220
     assert len((tmp_path / "r/e/longbench/trec.jsonl").read_text().splitlines()) == 2
     # with predictions present, another configuration is still refused
-    assert_user_error(_lb(tiny, tmp_path, data, "--max-length", "240"), "--exp", "max_length")
+    assert_user_error(_lb(tiny_llama, tmp_path, data, "--max-length", "240"), "--exp", "max_length")
 
 
 def test_summarize_rejects_a_foreign_or_truncated_result_json(tmp_path):
@@ -288,7 +275,7 @@ def test_summarize_rejects_a_foreign_or_truncated_result_json(tmp_path):
         assert "skipped" in text_out and all(w in text_out for w in words), text_out
 
 
-def test_second_run_on_the_same_experiment_is_refused(tiny, tmp_path):
+def test_second_run_on_the_same_experiment_is_refused(tiny_llama, tmp_path):
     """A run holds an OS lock on RESULTS_DIR/EXP/<benchmark>; kill -9 of the holder frees it."""
     folder = tmp_path / "r" / "e" / "longbench"
     holder = subprocess.Popen(
@@ -297,16 +284,16 @@ def test_second_run_on_the_same_experiment_is_refused(tiny, tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        result = _lb(tiny, tmp_path, LB_DATA, "--limit", "1")
+        result = _lb(tiny_llama, tmp_path, LB_DATA, "--limit", "1")
         assert_user_error(result, str(folder), "in use by another run", f"pid {holder.pid}")
         assert not (folder / "trec.jsonl").exists()
-        ib = sale("infinitebench", tiny, "--exp", "e", "--results-dir", tmp_path / "r", "--data-dir", IB_DATA,
+        ib = sale("infinitebench", tiny_llama, "--exp", "e", "--results-dir", tmp_path / "r", "--data-dir", IB_DATA,
                   "--tasks", "passkey", "--limit", "1", "--max-length", "300", "--device", "cpu")
         assert ib.exit_code == 0, ib.output  # another benchmark of the same experiment is free
     finally:
         holder.kill()  # SIGKILL: no cleanup runs
         holder.wait()
-    result = _lb(tiny, tmp_path, LB_DATA, "--limit", "1")
+    result = _lb(tiny_llama, tmp_path, LB_DATA, "--limit", "1")
     assert result.exit_code == 0, result.output
 
 

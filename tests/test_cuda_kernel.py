@@ -5,7 +5,7 @@ L 1025 / 4096 / 8191 x heads 32/8 and 9/3 x d 64 / 128 x fp16 / bf16 x int8 / in
 the heads of each case take the taus 0, 0.001, 0.004, 0.008, 1e9 cyclically. Each case checks:
 - block maps equal the reference's except where an estimate lies within rounding of its threshold: a float64
   oracle recomputes the margin of every differing block from the reference's quantized values, the differing
-  blocks are counted and bounded, and the last test prints the totals;
+  blocks are counted and bounded, and the totals are printed at the end of the run (conftest.py);
 - output and lse vs float64 attention on the kernel's own block map, density vs that map, tau = 0 heads dense,
   tau = 1e9 heads exactly the sink+local set R, every output element written (poisoned allocator).
 Also: compute="flex" on the same block list, per_block groups, GQA 16:1, 7:1, 2:1 and 1:1 (with 3:1, every
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from sale_cli.data import synthetic_qkv  # noqa: E402
 from sale_cli.kernels import cuda_backend, reference  # noqa: E402
 from sale_cli.kernels.reference import sale_attention_reference  # noqa: E402
 
@@ -45,6 +46,19 @@ ROUNDING = 1e-3
 # or the step (about 1e-6 relative) may round it either way.
 TIE = 1e-5
 MAP_STATS: list[tuple[str, int, int, float]] = []  # (case, differing blocks, visible blocks, max |margin|)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _block_map_totals(run_summary):
+    """After this module: the totals of its block-map comparisons, for the end of the run (conftest.py)."""
+    yield
+    if not MAP_STATS:
+        return
+    run_summary.append(f"block maps vs reference, {len(MAP_STATS)} comparisons: differing blocks: "
+                       f"{sum(s[1] for s in MAP_STATS)} of {sum(s[2] for s in MAP_STATS)}, "
+                       f"max |margin| = {max(s[3] for s in MAP_STATS):.3g}")
+    run_summary.extend(f"  {name}: {n} of {nvis}, max |margin| = {worst:.3g}" for name, n, nvis, worst in MAP_STATS
+                       if n)
 
 
 def _seed(*params) -> int:
@@ -71,51 +85,18 @@ def _tau(Hq: int) -> torch.Tensor:
 
 
 def _inputs(B, Hq, Hkv, L, d, dtype, seed, *, structured=True, k_offset=1.0):
-    """q [B,Hq,L,d], k and v [B,Hkv,L,d] plus a random per-channel K offset (removed by smoothing).
+    """q [B,Hq,L,d], k and v [B,Hkv,L,d] from data/synthetic_qkv.py plus a random per-channel K offset (removed
+    by smoothing).
 
-    ``structured``: LLM-like peaked attention, built per kv head in an orthonormal basis (sink direction u,
-    heavy direction w, background in the other d-2 dims), logits scale * q.k:
-    - attention sink: key 0 on u, every query 8 (1 + 0.05 N) on u: sink logit about 10 in every row;
-    - heavy keys: in kv head h, a fraction (0.05, 0.1, 0.2, 0.35)[h % 4] of the key blocks holds one key with a
-      random strength on w; queries carry 4 (0.6 + 0.15 (head % 4)) (1 + 0.2 N) on w: heavy logits 2.5-10,
-      spread over the thresholds (10 + ln tau = 3.1, 4.5, 5.2 for tau 0.001, 0.004, 0.008);
-    - local bias: half the rows resemble a key at a log-uniform distance in [1, 4096] (logit 5.4 at d=64,
-      7.8 at d=128);
-    - background logits about N(0, 0.6^2), N(0, 0.76^2) in the rows with a local bias.
-    The means of Q and K are large (sink, heavy and offset), so smoothing and the qm correction matter.
+    ``structured``: LLM-like peaked attention in its ``spread`` variant: sink logit about 10 in every row, heavy
+    logits 2.5-10 spread over the thresholds (10 + ln tau = 3.1, 4.5, 5.2 for tau 0.001, 0.004, 0.008), a local
+    bias in half the rows, background logits about N(0, 0.6^2). The means of Q and K are large (sink, heavy and
+    offset), so smoothing and the qm correction matter. Otherwise q, k, v ~ N(0, 1).
     """
-    g = torch.Generator(device=DEV).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=DEV, generator=g)
-
-    def rand(*shape):
-        return torch.rand(*shape, device=DEV, generator=g)
-
-    v = randn(B, Hkv, L, d)
-    if not structured:
-        q, k = randn(B, Hq, L, d), randn(B, Hkv, L, d)
-    else:
-        G, sd = Hq // Hkv, math.sqrt(d)
-        basis = torch.linalg.qr(randn(B, Hkv, d, d))[0]  # orthonormal columns per (b, kv head)
-        u, w, bg = basis[..., 0], basis[..., 1], basis[..., 2:]
-        kb = randn(B, Hkv, L, d - 2)
-        frac = torch.tensor([(0.05, 0.1, 0.2, 0.35)[h % 4] for h in range(Hkv)], device=DEV)
-        heavy = (rand(B, Hkv, L) < frac[:, None] / BK) * (0.6 + 0.8 * rand(B, Hkv, L))
-        k = kb @ bg.transpose(-1, -2) + (1.75 * sd * heavy)[..., None] * w[:, :, None]
-        k[:, :, 0] = 1.25 * sd * u
-        pos = torch.arange(L, device=DEV)
-        src = pos - torch.exp(rand(B, Hq, L) * math.log(4096)).long()
-        near = (rand(B, Hq, L) < 0.5) & (src > 0)
-        kb_src = torch.gather(kb.repeat_interleave(G, 1), 2, src.clamp(min=0)[..., None].expand(-1, -1, -1, d - 2))
-        qb = 0.6 * randn(B, Hq, L, d - 2)
-        qb = torch.where(near[..., None], 0.5 * qb + 0.7 * kb_src, qb)
-        a = 8.0 * (1 + 0.05 * randn(B, Hq, L, 1))
-        c = 4.0 * (0.6 + 0.15 * (torch.arange(Hq, device=DEV) % 4))[:, None, None] * (1 + 0.2 * randn(B, Hq, L, 1))
-        ug, wg, bgg = (x.repeat_interleave(G, 1) for x in (u, w, bg))
-        q = qb @ bgg.transpose(-1, -2) + a * ug[:, :, None] + c * wg[:, :, None]
-    k = k + k_offset * randn(B, Hkv, 1, d)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    kind = "structured" if structured else "random"
+    options = dict(spread=True, block_k=BK) if structured else {}
+    return synthetic_qkv.make_inputs(kind, L, Hq, Hkv, d, dtype, seed, device=DEV, batch=B, k_offset=k_offset,
+                                     **options)
 
 
 def _run_cuda(q, k, v, tau, **kw):
@@ -462,16 +443,3 @@ def test_real_qkv(captured, estimate, dtype):
         q, k, v = (t.to(DEV, dtype) for t in qkv)
         tau = torch.tensor([0.0] + [TAUS[1 + h % 3] for h in range(q.shape[1] - 1)], device=DEV)
         _check_case(_name("real", f"layer{layer}", dtype, estimate), q, k, v, tau, scale=scale, estimate=estimate)
-
-
-def test_zz_block_map_summary(capsys):
-    """Totals of the block-map comparisons above, printed even without -s (for the device log)."""
-    if not MAP_STATS:
-        pytest.skip("no block-map comparison ran")
-    ndiff = sum(s[1] for s in MAP_STATS)
-    with capsys.disabled():
-        print(f"\nblock maps vs reference, {len(MAP_STATS)} comparisons: differing blocks: {ndiff} of "
-              f"{sum(s[2] for s in MAP_STATS)}, max |margin| = {max(s[3] for s in MAP_STATS):.3g}")
-        for name, n, nvis, worst in MAP_STATS:
-            if n:
-                print(f"  {name}: {n} of {nvis}, max |margin| = {worst:.3g}")

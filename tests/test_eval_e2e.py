@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import cpu_runner, save_tiny_model
 from typer.testing import CliRunner
 
 from sale_cli.commands import benchmarks, summarize
-from sale_cli.eval import common, niah, summary
+from sale_cli.eval import common, summary
 from sale_cli.eval import infinitebench as ib
 from sale_cli.eval import longbench as lb
 from sale_cli.eval.metrics_longbench import score_dataset
@@ -25,26 +26,14 @@ MAX_LENGTH = 200
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a byte-level BPE tokenizer (and chat template) trained on the fixtures."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     text = "".join(f.read_text(encoding="utf-8") for f in sorted(FIXTURES.rglob("*.jsonl")))
-    tok = niah.train_tokenizer(text, vocab_size=400)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), text, max_positions=512, sharpen=1.0,
+                           tokenizer_special_ids=True)
 
 
 @pytest.fixture(scope="module")
 def runner(model_dir):
-    from sale_cli.runner import load_runner
-
-    return load_runner(str(model_dir), dtype="float32", device="cpu")
+    return cpu_runner(model_dir)
 
 
 class Interrupting:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from sale_cli import demo_model
 from sale_cli import thresholds as thresholds_io
 from sale_cli.demo import shown_text
-from sale_cli.eval import common, niah, summary
+from sale_cli.eval import common, summary
 from sale_cli.options import SaleOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,18 +39,6 @@ def _app(*commands) -> typer.Typer:
     for fn in commands:
         app.command()(fn)
     return app
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random 2-layer Llama (4 heads, 2 kv heads) with a haystack-trained tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    config = niah.write_config_dir(path, preset="tiny", vocab_size=512)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def _save_thresholds(path: Path, model: str, layers: int = 2, heads: int = 4) -> Path:
@@ -72,16 +60,16 @@ def test_latency_without_thresholds_names_the_calibrate_command(tmp_path):
     assert "theta_0.4.safetensors" in message
 
 
-def test_latency_uses_the_default_theta_file_and_says_which(tiny_model, tmp_path):
+def test_latency_uses_the_default_theta_file_and_says_which(tiny_llama, tmp_path):
     from sale_cli.commands.latency import latency
 
-    path = _save_thresholds(thresholds_io.default_path(tmp_path, tiny_model.name, 0.4), tiny_model.name)
-    args = [str(tiny_model), "--lengths", "192", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+    path = _save_thresholds(thresholds_io.default_path(tmp_path, tiny_llama.name, 0.4), tiny_llama.name)
+    args = [str(tiny_llama), "--lengths", "192", "--repeats", "1", "--warmup", "0", "--device", "cpu",
             "--results-dir", str(tmp_path)]
     result = CliRunner().invoke(_app(latency), args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, _message(result)
     assert f"SALE thresholds: {path}" in result.output and "default theta 0.4" in result.output
-    config = json.loads((tmp_path / f"latency-{tiny_model.name}" / "latency.json").read_text())["config"]
+    config = json.loads((tmp_path / f"latency-{tiny_llama.name}" / "latency.json").read_text())["config"]
     assert config["theta"] == 0.4 and Path(config["thresholds"]) == path
 
 
@@ -97,7 +85,7 @@ def test_one_default_theta():
     assert f"theta, {calibrate.DEFAULT_THETA:g}, when" in theta.help
 
 
-def test_model_name_matches_what_the_runner_loads(tiny_model, tmp_path, monkeypatch):
+def test_model_name_matches_what_the_runner_loads(tiny_llama, tmp_path, monkeypatch):
     from sale_cli import runner
     from sale_cli.runner import _source, model_name
 
@@ -105,7 +93,7 @@ def test_model_name_matches_what_the_runner_loads(tiny_model, tmp_path, monkeypa
 
     gguf = tmp_path / "some-model.Q4.gguf"
     gguf.write_bytes(b"")
-    for model in (str(tiny_model), str(gguf), "owner/Some-Model-7B"):
+    for model in (str(tiny_llama), str(gguf), "owner/Some-Model-7B"):
         assert model_name(model) == _source(model)[2]
     assert model_name(demo_model.ALIAS) == demo_model.NAME
 
@@ -124,7 +112,7 @@ def test_shown_text_is_one_safe_line():
     assert line.count("\n") == 1 and "[bold]12345[/bold]" in line and "…" in line
 
 
-def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_model, tmp_path, monkeypatch):
+def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_llama, tmp_path, monkeypatch):
     from sale_cli.commands import demo
     from sale_cli.runner import load_runner
 
@@ -132,17 +120,17 @@ def test_demo_runs_where_auto_puts_it_and_says_which_backend(tiny_model, tmp_pat
 
     def fake_load(model, device="auto", **kwargs):
         asked.update(model=model, device=device)
-        return load_runner(str(tiny_model), device=device, **kwargs)
+        return load_runner(str(tiny_llama), device=device, **kwargs)
 
     monkeypatch.setattr("sale_cli.runner.load_runner", fake_load)
     monkeypatch.setattr(demo_model, "fetch", lambda report=None: None)
-    _save_thresholds(thresholds_io.default_path(tmp_path, tiny_model.name, 0.4), tiny_model.name)
+    _save_thresholds(thresholds_io.default_path(tmp_path, tiny_llama.name, 0.4), tiny_llama.name)
     out = io.StringIO()
     demo.run_demo(theta=0.4, prompts=1, results_dir=tmp_path, console=Console(file=out, width=200))
     shown = out.getvalue()
     assert asked == {"model": demo_model.ALIAS, "device": "auto"}
     expected = "cuda" if torch.cuda.is_available() else "CPU"
-    assert f"Passkey retrieval, {tiny_model.name} on" in shown and expected in shown
+    assert f"Passkey retrieval, {tiny_llama.name} on" in shown and expected in shown
     payload = json.loads((tmp_path / "demo" / "passkey.json").read_text())
     assert payload["device"].endswith("(cuda:0)") if torch.cuda.is_available() else payload["device"] == "CPU"
     if not torch.cuda.is_available():
@@ -206,11 +194,11 @@ def test_missing_data_fails_fast_before_the_model_when_offline(offline, tmp_path
     assert where in message and str(data) in message
 
 
-def test_unreachable_hub_switches_model_loading_offline(offline, tiny_model, monkeypatch):
+def test_unreachable_hub_switches_model_loading_offline(offline, tiny_llama, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    common.offline_unless_reachable(str(tiny_model))  # a local folder needs no hub
+    common.offline_unless_reachable(str(tiny_llama))  # a local folder needs no hub
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
     common.offline_unless_reachable("owner/some-model")
     assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import random_ids, save_tiny_model
 
 from sale_cli.options import SaleOptions
 from sale_cli.runner import load_runner
@@ -13,22 +14,8 @@ if not torch.cuda.is_available():
 
 def _save_tiny_llama(path, layers: int):
     """A random Llama (4 heads, 2 kv heads, d 64) with peaked attention, and its tokenizer, saved to ``path``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from sale_cli.eval.niah import train_tokenizer
-
-    tok = train_tokenizer("The quick brown fox jumps over the lazy dog. 0123456789\n" * 50, vocab_size=300)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(6)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(path, "The quick brown fox jumps over the lazy dog. 0123456789\n" * 50, vocab_size=300,
+                           hidden_size=256, intermediate_size=512, layers=layers, max_positions=8192, sharpen=6.0)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def test_sale_on_cuda_uses_the_kernel_and_matches_dense_at_tau_zero(model_dir):
     runner = load_runner(str(model_dir), dtype="bfloat16", device="cuda", options=SaleOptions(dense_below=0))
     assert runner.sale_backend == "cuda", runner.sale_backend
     assert runner.dense_backend.startswith("sdpa:")
-    ids = torch.randint(0, runner.model.config.vocab_size, (1, 3000), generator=torch.Generator().manual_seed(0))
+    ids = random_ids(3000, runner.model.config.vocab_size, seed=0)
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="eager").cuda()
     with torch.no_grad():
         want = plain(ids.cuda()).logits[0, -1].float().cpu()
@@ -78,7 +65,7 @@ def test_device_map_auto_spreads_layers_and_matches_one_gpu(tmp_path):
     spread = load_runner(str(path), dtype="bfloat16", device_map="auto", options=opts)
     assert {0, 1} <= {torch.device(d).index for d in spread.model.hf_device_map.values()}, spread.model.hf_device_map
     assert spread.sale_backend == "cuda"
-    ids = torch.randint(0, one.model.config.vocab_size, (1, 3000), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(3000, one.model.config.vocab_size, seed=1)
     results = []
     for runner in (one, spread):
         runner.set_method("sale", torch.full((6, 4), 0.3))

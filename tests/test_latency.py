@@ -235,20 +235,16 @@ def _app():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 2-layer Llama with a haystack-trained tokenizer, and SALE thresholds for it."""
+def tiny_model(tiny_llama, tmp_path_factory):
+    """The shared tiny Llama (conftest.py), and SALE thresholds for it."""
     import torch
-    from transformers import LlamaForCausalLM
 
     from sale_cli import thresholds as thresholds_io
     from sale_cli.options import SaleOptions
 
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    config = niah.write_config_dir(path, preset="tiny", vocab_size=512)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    path = tiny_llama
     tau = thresholds_io.save(
-        path.parent / "tau.safetensors",
+        tmp_path_factory.mktemp("thresholds") / "tau.safetensors",
         torch.full((2, 4), 0.05),
         model=path.name,
         theta=0.05,

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import cpu_runner, head_errors, random_ids, save_tiny_model
 
 from sale_cli import thresholds as thresholds_io
 from sale_cli.calibrate import FLOOR, TAU0, calibrate
-from sale_cli.kernels import sale_attention
 from sale_cli.options import SaleOptions
 from sale_cli.runner import load_runner
 
@@ -15,47 +15,18 @@ TEXT = ("It was a bright cold day in April, and the clocks were striking thirtee
         "Extract the value corresponding to the specified key in the JSON object below. 0123456789abcdef-\n") * 20
 
 
-def _tokenizer():
-    from sale_cli.eval.niah import train_tokenizer
-
-    return train_tokenizer(TEXT, vocab_size=400)
-
-
-def _config(arch: str, vocab: int):
-    from transformers import LlamaConfig, Qwen2Config
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny_dir(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp(request.param)
-    tok = _tokenizer()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(request.param, len(tok)))
-    with torch.no_grad():  # sharper attention than the default init, so that sparsity shows
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(8)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _ids(n, vocab, seed=0):
-    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+    """A random 2-layer model with sharpened attention (sparsity shows), and its tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), TEXT, arch=request.param)
 
 
 def test_dense_method_reproduces_unpatched_logits(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu")
+    runner = cpu_runner(tiny_dir)
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager").eval()
-    ids = _ids(300, plain.config.vocab_size)
+    ids = random_ids(300, plain.config.vocab_size)
     with torch.no_grad():
         want = plain(ids).logits
         got = runner.model(ids).logits
@@ -66,8 +37,8 @@ def test_dense_method_reproduces_unpatched_logits(tiny_dir):
 
 
 def test_sale_with_tau_zero_matches_dense_and_positive_tau_is_sparse(tiny_dir):
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu", options=SaleOptions(dense_below=0))
-    ids = _ids(700, runner.model.config.vocab_size, seed=1)
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0))
+    ids = random_ids(700, runner.model.config.vocab_size, seed=1)
     dense = runner.prefill(ids)
     runner.set_method("sale", torch.zeros(2, 4))
     zero = runner.prefill(ids)
@@ -82,7 +53,7 @@ def test_sale_with_tau_zero_matches_dense_and_positive_tau_is_sparse(tiny_dir):
 
 
 def test_sale_needs_thresholds_and_checks_their_shape(tiny_dir):
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu")
+    runner = cpu_runner(tiny_dir)
     with pytest.raises(ValueError, match="--thresholds PATH or --theta"):
         runner.set_method("sale")
     with pytest.raises(ValueError, match=r"shape \[2, 4\]"):
@@ -92,8 +63,8 @@ def test_sale_needs_thresholds_and_checks_their_shape(tiny_dir):
 
 
 def test_capture_calls_the_hook_only_inside_the_block_and_restores_on_error(tiny_dir):
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu")
-    ids = _ids(80, runner.model.config.vocab_size)
+    runner = cpu_runner(tiny_dir)
+    ids = random_ids(80, runner.model.config.vocab_size)
     calls = []
 
     def hook(layer, q, k, v, dense_out, scale):
@@ -112,24 +83,10 @@ def test_capture_calls_the_hook_only_inside_the_block_and_restores_on_error(tiny
     assert calls == [0, 1]
 
 
-def _errors_per_head(runner, ids, tau, theta):
-    """Each head's calibration error at ``tau`` on a prompt, measured the way the spec defines it."""
-    errors = {}
-
-    def hook(layer, q, k, v, dense_out, scale):
-        out = sale_attention(q, k, v, tau[layer], scale=scale, **runner.options.op_kwargs())
-        errors[layer] = (out.float() - dense_out.float()).abs().sum(dim=(2, 3)).mean(0) / q.shape[2]
-
-    runner.set_method("dense")
-    with runner.capture(hook):
-        runner.prefill(ids)
-    return torch.stack([errors[i] for i in range(len(errors))])
-
-
 def test_calibration_ladder_monotone_and_error_bound(tiny_dir, tmp_path):
     from sale_cli.data.calibration import kv_retrieval_sample
 
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu", options=SaleOptions(dense_below=0))
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0))
     results = {}
     tau0 = 0.64  # random tiny models attend diffusely: start high enough that tau matters
     for theta in (0.01, 0.2):
@@ -146,14 +103,14 @@ def test_calibration_ladder_monotone_and_error_bound(tiny_dir, tmp_path):
         for seed in range(2):
             prompt, _ = kv_retrieval_sample(seed, 600, count)
             ids = runner.tokenizer(runner.apply_chat_template(prompt), add_special_tokens=False).input_ids
-            err = _errors_per_head(runner, ids, tau, theta)
+            err = head_errors(runner, tau, ids)
             assert (err[tau > 0] < theta).all(), (theta, err, tau)
     assert (results[0.01] <= results[0.2]).all()
     assert (results[0.01] < results[0.2]).any(), "the two bounds should lead to different thresholds"
 
 
 def test_calibration_resumes_after_interruption(tiny_dir, tmp_path):
-    runner = load_runner(str(tiny_dir), dtype="float32", device="cpu", options=SaleOptions(dense_below=0))
+    runner = cpu_runner(tiny_dir, options=SaleOptions(dense_below=0))
     out = tmp_path / "t.safetensors"
     full, _ = calibrate(runner, 0.2, samples=2, tokens=400, out=tmp_path / "full.safetensors", progress=False)
     calls = []

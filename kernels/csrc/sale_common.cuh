@@ -131,7 +131,7 @@ __device__ __forceinline__ void mma_int(int (&c)[4], const uint32_t (&a)[4], uin
 // ---------------------------------------------------------------------------------------------
 // Hopper warpgroup MMA (sm_90a only). Shared-memory operands are described by descriptors (start address, LBO,
 // SBO, layout type); the kernels use the 128-byte swizzle layout (wgmma_desc_sw128), which the tensor cores read
-// far faster than the no-swizzle one (docs/PERF_KERNEL_NOTES.md). int8 m64n64k32: A = 64 rows x 32 bytes and
+// far faster than the no-swizzle one (docs/history/PERF_KERNEL_NOTES.md). int8 m64n64k32: A = 64 rows x 32 bytes and
 // B = 64 keys x 32 bytes, both K-major. The accumulator layout per warp (rows 16 * warp + 0..15) equals
 // mma.m16n8k32's C layout for n8 chunks 0..7.
 // ---------------------------------------------------------------------------------------------
