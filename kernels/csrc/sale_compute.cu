@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) sale_compute_kernel(ComputeParams p)
 // sm_90a: 64-key tiles of two selected blocks (the second zero-filled and masked when the count is odd), wgmma,
 // a 3-slot ring (tile t+1 loading, K of tile t and V of tile t-1 in use). Only while Q K^T is retired and P V
 // still runs does the softmax touch S; O is rescaled after both are done (never touch a wgmma's registers in
-// flight: docs/KERNEL_NOTES_FOR_DESIGN.md).
+// flight: docs/DESIGN.md).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) sale_compute_wg_kernel(ComputeParams p) {
   constexpr bool BF = TypeTraits<T>::kBF16;

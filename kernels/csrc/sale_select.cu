@@ -27,7 +27,7 @@
 //   from the call's first row, key blocks (R, visibility, the bitmap) in absolute key positions. The offset
 //   off = Lk - Lq enters only per-CTA constants (block_range) and stage A's causal test (key - off vs the row);
 //   stage B's candidates lie wholly below every row of the block, so its loop is the same for any offset.
-// The stages are device functions in sale_select_stages.cuh; docs/KERNEL_NOTES_FOR_DESIGN.md has the code-shape
+// The stages are device functions in sale_select_stages.cuh; docs/DESIGN.md has the code-shape
 // choices made for ptxas.
 #include "sale_common.cuh"
 #include "sale_launch.cuh"
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
   const BlockRange br = block_range(qb, p.Lq, p.off, kBlockQ, kBlockK, p.sink_tokens, p.local_window);
 
   // the initial bitmap words [HC][nW]: R of every head, and every visible block of a head at tau 0 (kept inline:
-  // docs/KERNEL_NOTES_FOR_DESIGN.md)
+  // docs/DESIGN.md)
   for (int i = tid; i < HC * p.nW; i += kThreads) {
     const int h = i / p.nW, w = i % p.nW;
     const float tau = p.tau[hq0 + h];
