@@ -39,9 +39,32 @@ def passkeys(runner, lengths: list[int], seeds: int) -> list[dict]:
     return rows
 
 
+def markdown(summary: dict) -> str:
+    """One row per (theta, variant, held-out kind) of a summary.json, then the passkey answers."""
+    lines = ["| theta | calibration | held-out kind | heads below theta | worst head (layer.head): error | worst / theta "
+             "| mean density | dense heads | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in summary["runs"]:
+        name = f"{run['data']}, {run['samples']} samples, margin {run['margin']:g}"
+        for kind, r in run["kinds"].items():
+            w = r["worst"][0]
+            lines.append(f"| {run['theta']:g} | {name} | {kind} | {100 * r['heads_below_theta']:.1f}% | "
+                         f"{w['layer']}.{w['head']}: {r['max_error']:.3f} | {r['max_error_over_theta']:.2f}x | "
+                         f"{r['mean_density']:.3f} | {run['dense_heads']} | {'met' if r['meets_target'] else 'missed'} |")
+    lines += ["", "| thresholds | passkey correct | answers identical to dense |", "|---|---|---|"]
+    dense = summary["passkey_dense"]
+    lines.append(f"| dense | {sum(r['correct'] for r in dense)}/{len(dense)} | - |")
+    for run in summary["runs"]:
+        keys = run["passkey"]
+        same = sum(a["output"] == b["output"] for a, b in zip(dense, keys, strict=True))
+        lines.append(f"| theta {run['theta']:g}, {run['variant']} | {sum(r['correct'] for r in keys)}/{len(keys)} | "
+                     f"{same}/{len(keys)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, help="print the Markdown tables of this summary.json and stop")
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--thetas", default="0.4,0.1")
@@ -53,6 +76,11 @@ def main() -> None:
     ap.add_argument("--dense-above", type=float, default=None,
                     help="calibration's dense-heads rule (default: the GPU's break-even; 1 = off)")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
+    if args.out is None:
+        ap.error("--out is required")
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console(width=150)
     runner = load_runner(args.model, device=args.device)
