@@ -169,10 +169,14 @@ def head_masks(D, bounds, tau, deltas: dict | None = None) -> dict:
         keep = cand & (bounds["pooled"] + delta > math.log(tau))
         masks[name] = sel & keep
         row[f"tested_{name}"] = int(keep.sum()) / max(n, 1)
-        row[f"recall_{name}"] = int((sel & keep).sum()) / max(int(sel.sum()), 1)
+        row[f"recall_{name}"] = _recall(int((sel & keep).sum()), int(sel.sum()))
         row[f"missed_{name}"] = int((sel & ~keep).sum())
         row[f"delta_{name}"] = delta
     return row, masks
+
+
+def _recall(kept: int, selected: int) -> float:
+    return kept / selected if selected else 1.0  # nothing to miss
 
 
 def calibrate_deltas(D, pooled, tau) -> dict[str, float]:
@@ -343,6 +347,71 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def tables(out: Path) -> str:
+    """Markdown tables from the JSON files under `out` (held-out sample; means over heads)."""
+    files = sorted(out.glob("structured_*.json"), key=lambda f: int(f.stem.split("_")[1]))
+    files += sorted(out.glob("demo_layer*.json"), key=lambda f: int(f.stem[len("demo_layer"):]))
+    res = [json.loads(f.read_text()) for f in files]
+    names = (*BOUNDS, *APPROX)
+    lines = ["| input | tau | density (non-R) | " + " | ".join(f"tested {n}" for n in names) +
+             " | pooled recall (min) | saving min-bound | saving pooled | saving pooled_q99 | err exact (max) | "
+             "err pooled (max) | err increase pooled / q99 (max) |", "|---" * (len(names) + 10) + "|"]
+    for r in res:
+        cost = r["cost"]
+        for tau in r["taus"]:
+            hs = [e["held_out"] for e in r["per_head"] if e["tau"] == tau]
+            for h in hs:
+                h["recall_pooled"] = _recall(h["selected"] - h["missed_pooled"], h["selected"])
+            tested = {n: _mean(h[f"tested_{n}"] for h in hs) for n in names}
+            err = [h["err"] for h in hs if "err" in h]
+            lines.append(
+                f"| {r['input']} | {tau:g} | {_mean(h['density_nonR'] for h in hs):.3f} | "
+                + " | ".join(f"{tested[n]:.3f}" for n in names)
+                + f" | {min(h['recall_pooled'] for h in hs):.4f} | {1 - tested['min'] - cost['min']:+.3f} | "
+                f"{1 - tested['pooled'] - cost['pooled']:+.3f} | {1 - tested['pooled_q99'] - cost['pooled_q99']:+.3f}"
+                + (f" | {max(e['sel'] for e in err):.3f} | {max(e['pooled'] for e in err):.3f} | "
+                   f"{max(e['pooled'] - e['sel'] for e in err):.4f} / "
+                   f"{max(e['pooled_q99'] - e['sel'] for e in err):.4f} |" if err else " | - | - | - |"))
+    lines += ["", "| input | theta | taus (calibrated on sample A) | density (non-R) | tested pooled | saving pooled |"
+              " pooled recall (min) | heads exact err >= theta | heads pooled err >= theta (exact below) | max err exact | "
+              "max err pooled | max err increase | dense heads |", "|---" * 13 + "|"]
+    for r in res:
+        for theta in THETA:
+            runs = [x for x in r.get("theta_runs", []) if x["theta"] == theta]
+            if not runs:
+                continue
+            sparse = [x for x in runs if x["tau"] > 0]
+            hs = [x["held_out"] for x in sparse]
+            for h in hs:
+                h["recall_pooled"] = _recall(h["selected"] - h["missed_pooled"], h["selected"])
+            taus = sorted({x["tau"] for x in sparse}, reverse=True)
+            if not hs:
+                lines.append(f"| {r['input']} | {theta} |" + " - |" * 10 + f" {len(runs)} |")
+                continue
+            tested = _mean(h["tested_pooled"] for h in hs)
+            lines.append(
+                f"| {r['input']} | {theta} | {', '.join(f'{t:g}' for t in taus)} | "
+                f"{_mean(h['density_nonR'] for h in hs):.3f} | {tested:.3f} | "
+                f"{1 - tested - r['cost']['pooled']:+.3f} | {min(h['recall_pooled'] for h in hs):.4f} | "
+                f"{sum(h['err']['sel'] >= theta for h in hs)} | {sum(h['err']['pooled'] >= theta for h in hs)} "
+                f"({sum(h['err']['pooled'] >= theta > h['err']['sel'] for h in hs)}) | "
+                f"{max(h['err']['sel'] for h in hs):.3f} | {max(h['err']['pooled'] for h in hs):.3f} | "
+                f"{max(h['err']['pooled'] - h['err']['sel'] for h in hs):.4f} | {len(runs) - len(sparse)} |")
+    lines += ["", "| input | tau | headroom ln tau - D (median) | " +
+              " | ".join(f"looseness {n} (median U - D)" for n in BOUNDS) + " |", "|---" * (len(BOUNDS) + 3) + "|"]
+    for r in res:
+        for tau in r["taus"]:
+            hs = [e["held_out"] for e in r["per_head"] if e["tau"] == tau]
+            lines.append(f"| {r['input']} | {tau:g} | {_mean(h['headroom_median'] for h in hs):.1f} | " +
+                         " | ".join(f"{_mean(h[f'looseness_{n}'] for h in hs):.1f}" for n in BOUNDS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="8192,16384,32768", help="structured input lengths")
@@ -355,7 +424,11 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-structured", action="store_true")
     ap.add_argument("--out", default="results/prefilter")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tables", action="store_true", help="print the markdown tables of --out's JSON and stop")
     args = ap.parse_args(argv)
+    if args.tables:
+        print(tables(Path(args.out)))
+        return
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     out = Path(args.out)
