@@ -217,7 +217,7 @@ def head_errors(p: dict, h: int, v: torch.Tensor, scale: float, masks: dict, chu
 
 def check_against_reference(scale_len: int = 2048) -> int:
     """Our D > ln tau must equal the reference's selected non-R blocks; returns the number of differing blocks."""
-    from sale_cli.eval.bench_op import make_structured
+    from sale_cli.data.synthetic_qkv import structured_qkv as make_structured
     from sale_cli.kernels.reference import sale_attention_reference
 
     q, k, v = make_structured(scale_len, 8, 2, 64, torch.bfloat16, seed=3, device="cpu")
@@ -447,7 +447,7 @@ def main(argv=None) -> None:
     meta["reference_check_differing_blocks"] = diff
 
     if not args.skip_structured:
-        from sale_cli.eval.bench_op import make_structured
+        from sale_cli.data.synthetic_qkv import structured_qkv as make_structured
 
         for L in (int(x) for x in args.lengths.split(",")):
             sets = [make_structured(L, 32, 8, 128, torch.bfloat16, seed=s, device="cpu") for s in (0, 1)]
