@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from sale_cli.commands.common import PREFILL_CHUNK_HELP, check_theta, require, sale_options
+from sale_cli.kernels import constants as C
 
 
 def calibrate(
@@ -17,15 +18,15 @@ def calibrate(
     theta: Annotated[float, typer.Option(help="Error bound per head: mean L1 error of a head's output per row.")] = 0.4,
     samples: Annotated[int | None, typer.Option(help="Calibration samples \\[default: 6; demo model: 3].")] = None,
     tokens: Annotated[int | None, typer.Option(help="Tokens per sample \\[default: 120000; demo model: 2048].")] = None,
-    tau0: Annotated[float, typer.Option(help="Starting tau of every head (halved while the error is too large).")] = 0.008,
+    tau0: Annotated[float, typer.Option(help="Starting tau of every head (halved while the error is too large).")] = C.TAU0,
     out: Annotated[Path | None, typer.Option(help="Output file \\[default: theta_<theta>.safetensors in RESULTS_DIR/calibration/<model>/].")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("results"),
-    block_q: Annotated[int, typer.Option(help="Query block size.")] = 64,
-    block_k: Annotated[int, typer.Option(help="Key block size.")] = 32,
+    block_q: Annotated[int, typer.Option(help="Query block size.")] = C.BLOCK_Q,
+    block_k: Annotated[int, typer.Option(help="Key block size.")] = C.BLOCK_K,
     sink_tokens: Annotated[int | None, typer.Option(help="Sink tokens always computed \\[default: one key block].")] = None,
-    local_window: Annotated[int, typer.Option(help="Local window (tokens) always computed.")] = 128,
-    estimate: Annotated[str, typer.Option(help="Estimate precision: int8, int4 or none.")] = "int8",
-    quant_group: Annotated[str, typer.Option(help="Quantization scale group: per_token or per_block.")] = "per_token",
+    local_window: Annotated[int, typer.Option(help="Local window (tokens) always computed.")] = C.LOCAL_WINDOW,
+    estimate: Annotated[str, typer.Option(help="Estimate precision: int8, int4 or none.")] = C.ESTIMATE,
+    quant_group: Annotated[str, typer.Option(help="Quantization scale group: per_token or per_block.")] = C.QUANT_GROUP,
     backend: Annotated[str, typer.Option(help="Attention backend: auto, reference or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto, bfloat16, float16, float32.")] = "auto",
     device: Annotated[str, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = "auto",
