@@ -106,6 +106,11 @@ def measure(call: Callable[[int], Any], warmup: int, reps: int, elapsed_ms: Call
     return [elapsed_ms(lambda i=i: call(i % INPUT_SETS)) for i in range(warmup, warmup + reps)]
 
 
+def median_ms(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+    """Median CUDA-event ms of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (for scripts)."""
+    return statistics.median(measure(lambda _i: fn(), warmup, reps, CudaTimer().elapsed_ms))
+
+
 class CudaTimer:
     """CUDA-event timing, the peak memory of one call, and memory release on the current GPU."""
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
 from sale_cli.data.synthetic_qkv import make_inputs
+from sale_cli.eval.bench_op import median_ms
 from sale_cli.kernels import cuda_backend
 
 HQ, HKV, D = 32, 8, 128
@@ -39,17 +39,6 @@ def load_base(path: str):
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo", cuda_backend._arch_flag()])
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_stages(mod, q, k, v, tau, reps: int):

@@ -19,12 +19,12 @@ import argparse
 import multiprocessing
 import os
 import shutil
-import statistics
 
 import torch
 from torch.utils.cpp_extension import load
 
 from sale_cli.data.synthetic_qkv import make_inputs
+from sale_cli.eval.bench_op import median_ms
 from sale_cli.kernels import cuda_backend
 
 SOURCES = ("binding.cpp", "sale_quant.cu", "sale_select.cu", "sale_compute.cu")
@@ -49,18 +49,6 @@ def _prebuild(args):
     build_variant(*args)
 
 
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
@@ -88,7 +76,7 @@ def main():
             for name, mod in mods.items():
                 out = mod.quantize(*qargs)
                 diff = sum(int((x != y).sum()) for x, y in zip(out, ref, strict=True))
-                ms = median_ms(lambda m=mod, a=qargs: m.quantize(*a), args.reps)
+                ms = median_ms(lambda m=mod, a=qargs: m.quantize(*a), args.reps, warmup=2)
                 print(f"L={length} {name:16s} quant {ms:8.2f} ms  differing elements vs checkout = {diff}", flush=True)
             continue
         for tau_value in (float(x) for x in args.taus.split(",")):
@@ -101,7 +89,7 @@ def main():
                 for name, mod in mods.items():
                     vbits, _ = mod.select(*sel)
                     words = (vbits != bits).sum().item()
-                    ms = median_ms(lambda m=mod, a=sel: m.select(*a), args.reps)
+                    ms = median_ms(lambda m=mod, a=sel: m.select(*a), args.reps, warmup=2)
                     print(f"L={length} tau={tau_value} density~{density:.3f} {name:16s} select {ms:8.2f} ms  "
                           f"differing words vs checkout = {words}", flush=True)
                 continue
@@ -110,7 +98,7 @@ def main():
             ref = base.compute(q, k, v, bits, scale, False)[0].float()
             for name, mod in mods.items():
                 diff = (mod.compute(q, k, v, bits, scale, False)[0].float() - ref).abs().max().item()
-                ms = median_ms(lambda m=mod, a=(q, k, v, bits): m.compute(*a, scale, False), args.reps)
+                ms = median_ms(lambda m=mod, a=(q, k, v, bits): m.compute(*a, scale, False), args.reps, warmup=2)
                 print(f"L={length} tau={tau_value} {name:16s} compute {ms:8.2f} ms {flops / ms / 1e9:7.1f} TFLOP/s  "
                       f"max |diff| vs checkout = {diff:.3g}", flush=True)
 

@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from sale_cli.data.synthetic_qkv import make_inputs
+from sale_cli.eval.bench_op import median_ms
 from sale_cli.kernels import sale_attention
 from sale_cli.kernels.dense import causal_sdpa
-
-
-def median_ms(fn, reps: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def case_row(length: int, data: str, tau0: float, dense_above: float) -> dict:
@@ -38,14 +24,14 @@ def case_row(length: int, data: str, tau0: float, dense_above: float) -> dict:
 
     q, k, v = make_inputs(data, length, 32, 8, 128, torch.bfloat16, seed=0)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        cudnn = median_ms(lambda: causal_sdpa(q, k, v))
+        cudnn = median_ms(lambda: causal_sdpa(q, k, v), 5, warmup=2)
     tau = torch.full((32,), tau0, device="cuda")
     dens = sale_attention(q, k, v, tau, return_density=True).density[0].float().cpu()
-    uniform = median_ms(lambda: sale_attention(q, k, v, tau, return_density=True))
+    uniform = median_ms(lambda: sale_attention(q, k, v, tau, return_density=True), 5, warmup=2)
     rule = tau.clone()
     rule[(dens > dense_above).to(rule.device)] = 0
     res = sale_attention(q, k, v, rule, return_density=True)
-    ruled = median_ms(lambda: sale_attention(q, k, v, rule, return_density=True))
+    ruled = median_ms(lambda: sale_attention(q, k, v, rule, return_density=True), 5, warmup=2)
     # the dense heads must be exact: compare them with fp32 attention
     dense_heads = (rule == 0).nonzero().flatten()
     err = 0.0
