@@ -51,10 +51,21 @@ def test_calibration_on_cuda(model_dir, tmp_path):
     from sale_cli.calibrate import calibrate
 
     runner = load_runner(str(model_dir), dtype="bfloat16", device="cuda", options=SaleOptions(dense_below=0))
-    tau, density = calibrate(runner, 0.5, samples=1, tokens=2500, out=tmp_path / "t.safetensors", tau0=0.64,
-                             progress=False)
+    kw = dict(samples=1, tokens=2500, tau0=0.64, progress=False)
+    tau, density = calibrate(runner, 0.5, out=tmp_path / "t.safetensors", dense_above=1.0, **kw)
     assert tau.shape == (2, 4) and (tau >= 0).all() and ((density > 0) & (density <= 1)).all()
     assert (tau > 0).any()
+    # by default heads above this GPU's break-even density go dense, and the file says which rule applied
+    from sale_cli import thresholds
+    from sale_cli.break_even import default_dense_above
+
+    ruled, _ = calibrate(runner, 0.5, out=tmp_path / "r.safetensors", **kw)
+    value, source = default_dense_above(runner.device)
+    _, meta = thresholds.load(tmp_path / "r.safetensors")
+    assert meta["dense_above"] == f"{value:g}" and meta["dense_above_source"] == source and value < 1
+    expect = tau.clone()
+    expect[(density > value) & (tau > 0)] = 0
+    assert torch.equal(ruled, expect)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
