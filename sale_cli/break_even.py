@@ -1,32 +1,50 @@
 """The density above which a head is faster dense: measured per GPU architecture with `sale bench-op`.
 
-A SALE head costs its selection (growing slowly with density) plus computation proportional to its density; dense attention
-through cuDNN costs a fixed amount. Above the break-even density the head is cheaper dense, so calibration sets
-its tau to 0 (`sale calibrate --dense-above`). Figures and commands: docs/BENCHMARKS.md.
+A SALE head costs its selection (growing slowly with density) plus computation proportional to its density;
+dense attention through cuDNN costs a fixed amount. Above the break-even density the head is cheaper dense, so
+calibration sets its tau to 0 (`sale calibrate --dense-above`). The break-even rises with the sequence length
+(the selection's share shrinks). Figures and commands: docs/BENCHMARKS.md (`scripts/break_even.py`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-# compute capability -> (break-even density, where it was measured)
-MEASURED: dict[tuple[int, int], tuple[float, str]] = {
-    (9, 0): (0.47, "H200, sale bench-op at 128K tokens, 2026-12-03"),
+# compute capability -> ({tokens: break-even density}, where it was measured)
+MEASURED: dict[tuple[int, int], tuple[dict[int, float], str]] = {
+    (9, 0): ({32768: 0.395, 65536: 0.434, 131072: 0.47}, "H200, sale bench-op, 2026-12-03"),
 }
-FALLBACK = (9, 0)  # the architecture whose figure stands in for one not measured
+FALLBACK = (9, 0)  # the architecture whose figures stand in for one not measured
 
 
-def default_dense_above(device: torch.device | str | None = None) -> tuple[float, str]:
-    """(break-even density, its source) for ``device``'s GPU architecture; an architecture not measured takes the
-    Hopper figure; off the GPU (no architecture to measure) the rule is off: 1.0."""
+def at_length(points: dict[int, float], tokens: int) -> float:
+    """The break-even at ``tokens``: linear in log2(tokens) between measured lengths, the nearest end outside."""
+    lengths = sorted(points)
+    if tokens <= lengths[0]:
+        return points[lengths[0]]
+    if tokens >= lengths[-1]:
+        return points[lengths[-1]]
+    for lo, hi in zip(lengths, lengths[1:], strict=False):
+        if lo <= tokens <= hi:
+            w = (math.log2(tokens) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            return round(points[lo] + w * (points[hi] - points[lo]), 3)
+    raise AssertionError("unreachable")
+
+
+def default_dense_above(device: torch.device | str | None = None, tokens: int = 131072) -> tuple[float, str]:
+    """(break-even density at ``tokens``, its source) for ``device``'s GPU architecture; an architecture not
+    measured takes the Hopper figures; off the GPU (no architecture to measure) the rule is off: 1.0."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return 1.0, "not applied: calibrated off the GPU (set --dense-above to apply it)"
     cc = torch.cuda.get_device_capability(device)
-    if cc in MEASURED:
-        return MEASURED[cc]
-    value, source = MEASURED[FALLBACK]
-    return value, f"{source}; sm_{cc[0]}{cc[1]} not measured"
+    points, source = MEASURED.get(cc, MEASURED[FALLBACK])
+    where = f"{source}, at {tokens} tokens"
+    if cc not in MEASURED:
+        where += f"; sm_{cc[0]}{cc[1]} not measured, sm_{FALLBACK[0]}{FALLBACK[1]}'s figures"
+    return at_length(points, tokens), where
 
 
 def check_dense_above(value: float) -> float:

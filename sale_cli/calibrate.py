@@ -152,7 +152,7 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 1), got {margin}")
     if dense_above is None:
-        dense_above, dense_source = default_dense_above(runner.device)
+        dense_above, dense_source = default_dense_above(runner.device, tokens)
     else:
         dense_above, dense_source = check_dense_above(dense_above), "set by the user (--dense-above)"
     console = console or Console()

@@ -257,5 +257,8 @@ def test_default_dense_above_per_device():
     from sale_cli import break_even
 
     assert break_even.default_dense_above("cpu")[0] == 1.0
-    value, source = break_even.MEASURED[break_even.FALLBACK]
-    assert 0 < value < 1 and "H200" in source
+    points, source = break_even.MEASURED[break_even.FALLBACK]
+    assert all(0 < v < 1 for v in points.values()) and "H200" in source
+    pts = {1024: 0.2, 4096: 0.4}
+    assert break_even.at_length(pts, 512) == 0.2 and break_even.at_length(pts, 8192) == 0.4
+    assert break_even.at_length(pts, 2048) == pytest.approx(0.3)  # halfway in log2(tokens)

@@ -60,7 +60,7 @@ def test_calibration_on_cuda(model_dir, tmp_path):
     from sale_cli.break_even import default_dense_above
 
     ruled, _ = calibrate(runner, 0.5, out=tmp_path / "r.safetensors", **kw)
-    value, source = default_dense_above(runner.device)
+    value, source = default_dense_above(runner.device, 2500)
     _, meta = thresholds.load(tmp_path / "r.safetensors")
     assert meta["dense_above"] == f"{value:g}" and meta["dense_above_source"] == source and value < 1
     expect = tau.clone()
