@@ -22,15 +22,13 @@ FALLBACK = (9, 0)  # the architecture whose figures stand in for one not measure
 def at_length(points: dict[int, float], tokens: int) -> float:
     """The break-even at ``tokens``: linear in log2(tokens) between measured lengths, the nearest end outside."""
     lengths = sorted(points)
-    if tokens <= lengths[0]:
-        return points[lengths[0]]
-    if tokens >= lengths[-1]:
-        return points[lengths[-1]]
-    for lo, hi in zip(lengths, lengths[1:], strict=False):
-        if lo <= tokens <= hi:
-            w = (math.log2(tokens) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-            return round(points[lo] + w * (points[hi] - points[lo]), 3)
-    raise AssertionError("unreachable")
+    x = min(max(tokens, lengths[0]), lengths[-1])
+    lo = max(n for n in lengths if n <= x)
+    hi = min(n for n in lengths if n >= x)
+    if lo == hi:
+        return points[lo]
+    w = (math.log2(x) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return round(points[lo] + w * (points[hi] - points[lo]), 3)
 
 
 def default_dense_above(device: torch.device | str | None = None, tokens: int = 131072) -> tuple[float, str]:
@@ -47,8 +45,15 @@ def default_dense_above(device: torch.device | str | None = None, tokens: int = 
     return at_length(points, tokens), where
 
 
+DENSE_ABOVE_RULE = "must be a density in (0, 1] (1 keeps every head sparse)"
+
+
+def dense_above_ok(value) -> bool:
+    return isinstance(value, (int, float)) and 0 < value <= 1
+
+
 def check_dense_above(value: float) -> float:
     """``value`` if it is a density in (0, 1]; 1 keeps every head sparse."""
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ValueError(f"--dense-above must be a density in (0, 1] (1 keeps every head sparse), got {value!r}")
+    if not dense_above_ok(value):
+        raise ValueError(f"--dense-above {DENSE_ABOVE_RULE}, got {value!r}")
     return float(value)

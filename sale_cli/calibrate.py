@@ -211,6 +211,8 @@ def calibrate(runner: Runner, theta: float, *, samples: int, tokens: int, out: P
     tau[rule] = 0.0
     density[tau == 0] = 1.0
     extra["dense_by_rule"] = str(int(rule.sum()))
+    console.print(f"Dense-heads rule: density above {dense_above:g} -> tau 0 for {int(rule.sum())} heads "
+                  f"({dense_source})")
     thresholds_io.save(out, tau, samples=samples, **meta, extra=extra, density=density)
     partial.unlink(missing_ok=True)
     return tau, density

@@ -49,6 +49,7 @@ def calibrate(
     """
     from sale_cli import calibrate as calib
     from sale_cli import demo_model, thresholds
+    from sale_cli.break_even import DENSE_ABOVE_RULE, dense_above_ok
     from sale_cli.errors import UserError
     from sale_cli.eval.common import check_writable, check_writable_dir
     from sale_cli.runner import load_runner
@@ -59,8 +60,7 @@ def calibrate(
     require(tokens is None or tokens >= calib.MIN_TOKENS, "--tokens", f"must be at least {calib.MIN_TOKENS}, got {tokens}")
     require(math.isfinite(tau0) and tau0 >= 0, "--tau0", f"must be a finite number >= 0, got {tau0}")
     require(validate is None or validate >= 1, "--validate", f"must be at least 1, got {validate}")
-    require(dense_above is None or 0 < dense_above <= 1, "--dense-above",
-            f"must be a density in (0, 1] (1 keeps every head sparse), got {dense_above}")
+    require(dense_above is None or dense_above_ok(dense_above), "--dense-above", f"{DENSE_ABOVE_RULE}, got {dense_above}")
     if check is not None and not check.is_file():
         raise UserError(f"--check {check}: no such thresholds file")
     demo = model == demo_model.ALIAS
@@ -95,9 +95,7 @@ def calibrate(
         tau, density = calib.calibrate(runner, theta, samples=samples, tokens=tokens, out=out, tau0=tau0, data=data,
                                        margin=margin, dense_above=dense_above, console=console)
         console.print(calib.summary_table(tau, density, f"{runner.model_name} thresholds, theta={theta:g}"))
-        _, written = thresholds.load(out)
-        console.print(f"Wrote {out}; dense-heads rule: density above {written['dense_above']} -> tau 0 "
-                      f"({written['dense_by_rule']} heads; {written['dense_above_source']})")
+        console.print(f"Wrote {out}")
     if check is not None or validate is not None:
         per_kind = validate or calib.VALIDATE_PER_KIND
         console.print(f"Held-out check: {per_kind} samples x {tokens} tokens of each kind")
