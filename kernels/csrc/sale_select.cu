@@ -40,7 +40,7 @@ namespace sale {
 // parity only); else int8. WG (sm_90a build, int8): the int8 Q tiles of stage B live in shared memory (wgmma
 // reads A and B from there), which frees the registers of the A fragments: 3 CTAs per SM instead of 2.
 template <typename T, int D, bool I4, int HC>
-__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p) {
+__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? (SALE_SEL_RS ? 2 : 3) : 1) sale_select_kernel(SelectParams p) {
   constexpr bool WG = kWgmmaArch && !I4;
   using SM = SelectSmem<D, I4, WG>;
   constexpr int IB = SM::IB;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const uint32_t t_soff = WG ? lr * 128 + ((lc ^ (lr % 8)) << 4) : lr * IRB + lc * 16;
     const uint32_t sB = smem_u32(smem);
     const uint32_t sQi = sB + REGION;  // wgmma path
-    uint32_t qa[HC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
+    uint32_t qa[HC][(WG && !SALE_SEL_RS) ? 1 : IB / 32][4];  // integer Q fragments of every head (A in registers)
     RowTests rows[HC];
     const unsigned active = load_row_tests<HC, IB, WG>(p, br, b, hq0, th, thr_s, sQi, lr, lc, t_soff, qa, rows);
     const unsigned char* sBp = smem;
@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       cp_async_commit();
     }
     uint32_t slot_off = 0u;  // the slot of tile it
+    int notest_sink = 0;
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
       if constexpr (WG) fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -123,7 +124,8 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int h = 0; h < HC; ++h) qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
+        for (int h = 0; h < HC; ++h)
+          qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + (half * kMaxHC + h) * SM::QMB_W + (SALE_SEL_QMQ ? t : 0)];
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) skm[half] = sks[(SM::SKQ_OFF - IT_BYTES) / 4 + half * 4 + t];
@@ -134,21 +136,32 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
         const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
         const uint64_t dk0 = wgmma_desc_sw128(cKi, 16, 1024);
         int acc[2][8][4];
-        issue_wgmma_chain<D>(0, acc[0], dq0, dk0);
-        if constexpr (HC > 1) issue_wgmma_chain<D>(1, acc[1], dq0, dk0);
+        auto issue = [&](const int h, int(&a)[8][4]) {
+          if constexpr (SALE_SEL_RS) issue_wgmma_chain_rs<D>(qa[h], a, dk0);
+          else issue_wgmma_chain<D>(h, a, dq0, dk0);
+        };
+        issue(0, acc[0]);
+        const float skm_t = fmaxf(skm[0], skm[1]);
+        if constexpr (HC > 1) issue(1, acc[1]);
 #pragma unroll
         for (int h = 0; h < HC; ++h) {
           if (h + 1 < HC) wgmma_wait<1>();  // head h's group done (head h + 1's may still run)
           else wgmma_wait<0>();
           reg_fence(acc[h & 1]);
-          if ((active >> h) & 1u) {  // CTA-uniform; both blocks' row bounds first (two independent chains)
-            const bool rb0 = row_bound(acc[h & 1], 0, rows[h], skm[0], qmx[0][h]);
-            const bool rb1 = row_bound(acc[h & 1], 4, rows[h], skm[1], qmx[1][h]) & (nb == 2);
-            const bool go0 = __any_sync(0xffffffffu, rb0), go1 = __any_sync(0xffffffffu, rb1);
-            if (go0) test_block(p, acc[h & 1], 0, h, kb0, 0, sks, rows[h], bitmap, t, lane);
-            if (go1) test_block(p, acc[h & 1], 4, h, kb0 + 1, 1, sks, rows[h], bitmap, t, lane);
+          if (SALE_SEL_NOTEST) notest_sink ^= acc[h & 1][0][0] ^ acc[h & 1][7][3];  // keeps the MMAs alive
+          if (!SALE_SEL_NOTEST && ((active >> h) & 1u)) {  // CTA-uniform; both blocks' bounds first
+            int m0[2], m1[2];
+            row_maxima(acc[h & 1], 0, m0);
+            row_maxima(acc[h & 1], 4, m1);
+            if (!SALE_SEL_TILEB || __any_sync(0xffffffffu, tile_upper(m0, m1, rows[h], skm_t, fmaxf(qmx[0][h], qmx[1][h])))) {
+              const BlockBounds bb0 = bounds_from_maxima(m0, rows[h], skm[0], qmx[0][h]);
+              BlockBounds bb1 = bounds_from_maxima(m1, rows[h], skm[1], qmx[1][h]);
+              bb1.upper &= nb == 2;
+              decide_block<SM>(p, acc[h & 1], 0, h, kb0, 0, sks, rows[h], bitmap, t, lane, bb0);
+              decide_block<SM>(p, acc[h & 1], 4, h, kb0 + 1, 1, sks, rows[h], bitmap, t, lane, bb1);
+            }
           }
-          if (h + 2 < HC) issue_wgmma_chain<D>(h + 2, acc[h & 1], dq0, dk0);
+          if (h + 2 < HC) issue(h + 2, acc[h & 1]);
         }
       } else {
 #pragma unroll
@@ -161,12 +174,14 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           estimate_block_mma<I4, HC, IB / 32, IRB>(acc, qa, cKi, half, lane, need);
 #pragma unroll
           for (int h = 0; h < HC; ++h)
-            if (((need >> h) & 1u) && __any_sync(0xffffffffu, row_bound(acc[h], 0, rows[h], skm[half], qmx[half][h])))
-              test_block(p, acc[h], 0, h, kb, half, sks, rows[h], bitmap, t, lane);
+            if ((need >> h) & 1u)
+              decide_block<SM>(p, acc[h], 0, h, kb, half, sks, rows[h], bitmap, t, lane,
+                           block_bounds(acc[h], 0, rows[h], skm[half], qmx[half][h]));
         }
       }
     }
     cp_async_wait<0>();
+    if (SALE_SEL_NOTEST && notest_sink == 0x7ffffff1) bitmap[0] |= 2u;
   }
   __syncthreads();
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 18 device call: build the selection variants in bench_variants/ (the same source with other SALE_SEL_*
+# switches), time each against the checkout's build on bench-op's structured inputs (block maps compared word for
+# word), run the GPU kernel tests, and profile the checkout's selection with ncu.
+set -o pipefail
+export PYTHONUNBUFFERED=1 MAX_JOBS=16
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+t0=$(date +%s); stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 -c "from sale_cli.kernels import cuda_backend as c; print('cuda backend:', c.available())" 2>&1 | tail -2
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader; stamp build
+if [ "${VARIANTS:-1}" = 1 ]; then
+timeout 330 python3 scripts/compare_kernel_variants.py --stage select bench_variants/*.cu --lengths ${LENGTHS:-131072} \
+  --taus ${TAUS:-0.9,0.2,0.003,0.001,0.0003} --reps 5 2>&1 | tee "$OUT/variants.log" | grep -E "^L=|Error|error" ; stamp variants
+fi
+if [ "${TESTS:-1}" = 1 ]; then
+timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_cuda_kernel.py} 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -20; stamp tests
+fi
+if [ "${NCU:-1}" = 1 ]; then
+timeout 120 ncu --clock-control none -k regex:sale_select_kernel -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+  python3 scripts/profile_kernels.py --length 32768 --tau 0.2 > "$OUT/ncu.txt" 2>&1
+grep -E "Duration|Throughput|Pipe|Issue|Warp Cycles|Occupancy|Registers|highest-utilized|stall" "$OUT/ncu.txt" | head -40
+timeout 120 ncu --clock-control none -k regex:sale_select_kernel -c 1 --metrics \
+  "regex:^sm__pipe_.*cycles_active.avg.pct_of_peak_sustained_active$,regex:^smsp__average_warps_issue_stalled_.*_per_issue_active.ratio$,regex:^l1tex__data_pipe_lsu_wavefronts_mem_shared.*pct_of_peak_sustained_elapsed$,regex:^sm__inst_executed_pipe_.*sum$" \
+  python3 scripts/profile_kernels.py --length 32768 --tau 0.2 > "$OUT/ncu_metrics.txt" 2>&1
+grep -vE "^==|^\[|^L=" "$OUT/ncu_metrics.txt" | awk '$NF != "0" && $NF != "0.00"' | head -80; stamp ncu
+fi
