@@ -149,7 +149,6 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   auto skq = sk.view({B, Hkv, LkPad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
   // the sure-pass bound's minima over the same sets: a block whose row maximum clears the threshold even with
   // the smallest sk and qm is selected without looking at each key
-  auto qmq = qm.view({B, Hq, LkPad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
   auto qmn = qm.view({B, Hq, LkPad / sale::kBlockK, 4, 4, 2}).amin({3, 5}).contiguous();
   auto skn = sk.view({B, Hkv, LkPad / sale::kBlockK, 4, 4, 2}).amin({3, 5}).contiguous();
   auto pairs = at::zeros({B, Hq}, q.options().dtype(at::kInt));
@@ -163,7 +162,6 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.qm = qm.data_ptr<float>();
   p.qmb = qmb.data_ptr<float>();
   p.skq = skq.data_ptr<float>();
-  p.qmq = qmq.data_ptr<float>();
   p.qmn = qmn.data_ptr<float>();
   p.skn = skn.data_ptr<float>();
   p.qkm = qkm.data_ptr<float>();

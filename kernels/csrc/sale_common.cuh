@@ -184,24 +184,6 @@ __device__ __forceinline__ void wgmma_s8_m64n64k32_ss(int (&d)[8][4], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// d = (accumulate ? d : 0) + A(64 rows x 32 s8, registers) * B(64 keys x 32 s8, smem descriptor). A per warp
-// (rows 16 * warp + 0..15) is mma.m16n8k32's A fragment: a0 row g bytes 4t..4t+3, a1 row g + 8, a2 / a3 bytes
-// 16 + 4t..; the tensor cores then read only B from shared memory.
-__device__ __forceinline__ void wgmma_s8_m64n64k32_rs(int (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
-                                                      int accumulate) {
-  SALE_WGMMA_ASM(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
-      ",%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
-      : "+r"(d[0][0]), "+r"(d[0][1]), "+r"(d[0][2]), "+r"(d[0][3]), "+r"(d[1][0]), "+r"(d[1][1]), "+r"(d[1][2]),
-        "+r"(d[1][3]), "+r"(d[2][0]), "+r"(d[2][1]), "+r"(d[2][2]), "+r"(d[2][3]), "+r"(d[3][0]), "+r"(d[3][1]),
-        "+r"(d[3][2]), "+r"(d[3][3]), "+r"(d[4][0]), "+r"(d[4][1]), "+r"(d[4][2]), "+r"(d[4][3]), "+r"(d[5][0]),
-        "+r"(d[5][1]), "+r"(d[5][2]), "+r"(d[5][3]), "+r"(d[6][0]), "+r"(d[6][1]), "+r"(d[6][2]), "+r"(d[6][3]),
-        "+r"(d[7][0]), "+r"(d[7][1]), "+r"(d[7][2]), "+r"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
-
 // fp16/bf16 wgmma with A (64 rows x 16, fp16/bf16) from registers: per warp (rows 16 * warp + 0..15) the A
 // fragment of mma.m16n8k16; B from shared memory (descriptor); fp32 accumulators d[n8 chunk][4] in mma.sync's C
 // layout; TR "1": B MN-major (transposed). The macros name the operands d, a, desc_b and accumulate.
@@ -278,13 +260,6 @@ __device__ __forceinline__ void reg_fence(float (&d)[N][4]) {
 #pragma unroll
   for (int n = 0; n < N; ++n)
     asm volatile("" : "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])::"memory");
-}
-
-// (float)x for |x| < 2^22, exactly, on the integer and fp32 pipes: the bits of 1.5 * 2^23 + x, minus 1.5 * 2^23.
-// The I2F it replaces issues 16 results per clock and SM against 64-128 for fp32 arithmetic (sm_80-sm_90), and
-// the selection's tests convert every accumulator they look at (an int8 dot product over d <= 128 is below 2^21).
-__device__ __forceinline__ float exact_int_to_float(int x) {
-  return __fsub_rn(__int_as_float(x + 0x4B400000), 12582912.f);
 }
 
 // fast 2^x (ex2.approx.ftz): 2^-inf = +0

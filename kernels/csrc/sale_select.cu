@@ -40,7 +40,7 @@ namespace sale {
 // parity only); else int8. WG (sm_90a build, int8): the int8 Q tiles of stage B live in shared memory (wgmma
 // reads A and B from there), which frees the registers of the A fragments: 3 CTAs per SM instead of 2.
 template <typename T, int D, bool I4, int HC>
-__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? (SALE_SEL_RS ? 2 : 3) : 1) sale_select_kernel(SelectParams p) {
+__global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_select_kernel(SelectParams p) {
   constexpr bool WG = kWgmmaArch && !I4;
   using SM = SelectSmem<D, I4, WG>;
   constexpr int IB = SM::IB;
@@ -94,8 +94,9 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? (SALE_SEL_RS ?
     const uint32_t t_soff = WG ? lr * 128 + ((lc ^ (lr % 8)) << 4) : lr * IRB + lc * 16;
     const uint32_t sB = smem_u32(smem);
     const uint32_t sQi = sB + REGION;  // wgmma path
-    uint32_t qa[HC][(WG && !SALE_SEL_RS) ? 1 : IB / 32][4];  // integer Q fragments of every head (A in registers)
+    uint32_t qa[HC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
     RowTests rows[HC];
+    const float* thr_w = thr_s + warp * 16 + th.g;  // this thread's row g in head 0's thresholds
     const unsigned active = load_row_tests<HC, IB, WG>(p, br, b, hq0, th, thr_s, sQi, lr, lc, t_soff, qa, rows);
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
@@ -124,44 +125,37 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? (SALE_SEL_RS ?
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int h = 0; h < HC; ++h)
-          qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + (half * kMaxHC + h) * SM::QMB_W + (SALE_SEL_QMQ ? t : 0)];
+        for (int h = 0; h < HC; ++h) qmx[half][h] = sks[(SM::QMB_OFF - IT_BYTES) / 4 + half * kMaxHC + h];
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) skm[half] = sks[(SM::SKQ_OFF - IT_BYTES) / 4 + half * 4 + t];
       const int nb = kb0 + 1 < bend ? 2 : 1;  // the last tile may hold one candidate block
       if constexpr (WG) {
-        // one chain per head in two accumulator sets: heads h and h + 1 in flight while head h is tested, head
-        // h + 2 issued into head h's set once its tests are done; inactive heads are issued too (no branch)
         const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
         const uint64_t dk0 = wgmma_desc_sw128(cKi, 16, 1024);
-        int acc[2][8][4];
-        auto issue = [&](const int h, int(&a)[8][4]) {
-          if constexpr (SALE_SEL_RS) issue_wgmma_chain_rs<D>(qa[h], a, dk0);
-          else issue_wgmma_chain<D>(h, a, dq0, dk0);
-        };
-        issue(0, acc[0]);
-        const float skm_t = fmaxf(skm[0], skm[1]);
-        if constexpr (HC > 1) issue(1, acc[1]);
+        // NS accumulator sets: heads h .. h + NS - 1 in flight while head h is tested, head h + NS issued into head
+        // h's set once its tests are done; inactive heads are issued too (no branch)
+        constexpr int NS = SALE_SEL_ACC3 ? 3 : 2;
+        int acc[NS][8][4];
+#pragma unroll
+        for (int h = 0; h < NS && h < HC; ++h) issue_wgmma_chain<D>(h, acc[h], dq0, dk0);
 #pragma unroll
         for (int h = 0; h < HC; ++h) {
-          if (h + 1 < HC) wgmma_wait<1>();  // head h's group done (head h + 1's may still run)
+          const int pend = min(NS - 1, HC - 1 - h);  // chains after head h's that may still run
+          if (pend >= 2) wgmma_wait<2>();
+          else if (pend == 1) wgmma_wait<1>();
           else wgmma_wait<0>();
-          reg_fence(acc[h & 1]);
-          if (SALE_SEL_NOTEST) notest_sink ^= acc[h & 1][0][0] ^ acc[h & 1][7][3];  // keeps the MMAs alive
+          int(&ah)[8][4] = acc[h % NS];
+          reg_fence(ah);
+          if (SALE_SEL_NOTEST) notest_sink ^= ah[0][0] ^ ah[7][3];  // keeps the MMAs alive
           if (!SALE_SEL_NOTEST && ((active >> h) & 1u)) {  // CTA-uniform; both blocks' bounds first
-            int m0[2], m1[2];
-            row_maxima(acc[h & 1], 0, m0);
-            row_maxima(acc[h & 1], 4, m1);
-            if (!SALE_SEL_TILEB || __any_sync(0xffffffffu, tile_upper(m0, m1, rows[h], skm_t, fmaxf(qmx[0][h], qmx[1][h])))) {
-              const BlockBounds bb0 = bounds_from_maxima(m0, rows[h], skm[0], qmx[0][h]);
-              BlockBounds bb1 = bounds_from_maxima(m1, rows[h], skm[1], qmx[1][h]);
-              bb1.upper &= nb == 2;
-              decide_block<SM>(p, acc[h & 1], 0, h, kb0, 0, sks, rows[h], bitmap, t, lane, bb0);
-              decide_block<SM>(p, acc[h & 1], 4, h, kb0 + 1, 1, sks, rows[h], bitmap, t, lane, bb1);
-            }
+            const BlockBounds bb0 = block_bounds(ah, 0, rows[h], skm[0], qmx[0][h]);
+            BlockBounds bb1 = block_bounds(ah, 4, rows[h], skm[1], qmx[1][h]);
+            bb1.upper &= nb == 2;
+            decide_block<SM>(p, ah, 0, h, kb0, 0, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane, bb0);
+            decide_block<SM>(p, ah, 4, h, kb0 + 1, 1, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane, bb1);
           }
-          if (h + 2 < HC) issue(h + 2, acc[h & 1]);
+          if (h + NS < HC) issue_wgmma_chain<D>(h + NS, ah, dq0, dk0);
         }
       } else {
 #pragma unroll
@@ -175,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? (SALE_SEL_RS ?
 #pragma unroll
           for (int h = 0; h < HC; ++h)
             if ((need >> h) & 1u)
-              decide_block<SM>(p, acc[h], 0, h, kb, half, sks, rows[h], bitmap, t, lane,
+              decide_block<SM>(p, acc[h], 0, h, kb, half, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane,
                            block_bounds(acc[h], 0, rows[h], skm[half], qmx[half][h]));
         }
       }

@@ -21,39 +21,19 @@ constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
 constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
-// Build switches of stage B (A/B experiments; the defaults are the measured choices, docs/DESIGN.md):
-//   SALE_SEL_RS     wgmma path: integer Q fragments in registers (A operand), else Q tiles in shared memory
+// Build switches of stage B (A/B measurement; the defaults are the measured choices, docs/DESIGN.md):
 //   SALE_SEL_SURE   the sure-pass bound (row maximum with the smallest sk and qm) before the per-key test
-//   SALE_SEL_XCVT   exact integer -> float conversion on the fp32 pipe instead of I2F in the per-key test
-//   SALE_SEL_QMQ    the upper bound takes the largest qm over the thread's 8 keys (else over the block's 32)
-//   SALE_SEL_TILEB  one upper bound over the tile's two blocks first, the per-block bounds only where it passes
-//   SALE_SEL_NOTEST measurement only: skip every test after the MMAs (the bitmap is then R alone)
-#ifndef SALE_SEL_RS
-#define SALE_SEL_RS 0
+//   SALE_SEL_ACC3   three accumulator sets (three heads' chains in flight) instead of two
+//   SALE_SEL_NOTEST measurement only: no test after the MMAs (the bitmap is then R alone)
+#ifndef SALE_SEL_SURE
+#define SALE_SEL_SURE 0
+#endif
+#ifndef SALE_SEL_ACC3
+#define SALE_SEL_ACC3 1
 #endif
 #ifndef SALE_SEL_NOTEST
 #define SALE_SEL_NOTEST 0
 #endif
-#ifndef SALE_SEL_SURE
-#define SALE_SEL_SURE 1
-#endif
-#ifndef SALE_SEL_QMQ
-#define SALE_SEL_QMQ 1
-#endif
-#ifndef SALE_SEL_TILEB
-#define SALE_SEL_TILEB 1
-#endif
-#ifndef SALE_SEL_XCVT
-#define SALE_SEL_XCVT 0
-#endif
-
-__device__ __forceinline__ float acc_to_float(int x) {
-#if SALE_SEL_XCVT
-  return exact_int_to_float(x);
-#else
-  return (float)x;
-#endif
-}
 
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
 // and region B (stage B's integer K tiles with their sk / qm values, per-block qm maxima and skq, kStagesB deep)
@@ -68,17 +48,15 @@ struct SelectSmem {
   static constexpr int IT_BYTES = kTileKeys * IRB;  // integer K tile
   static constexpr int F_BYTES = kTileKeys * 4;     // sk / qm of a tile
   static constexpr int ALIGN = WG ? 1024 : 16;
-  // [2 blocks][kMaxHC] maxima of qm: per class [4] (SALE_SEL_QMQ) or per block
-  static constexpr int QMB_OFF = IT_BYTES + (1 + kMaxHC) * F_BYTES;
-  static constexpr int QMB_W = SALE_SEL_QMQ ? 4 : 1;
-  static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * QMB_W * 4;  // [2 blocks][4] per-class maxima of sk
+  static constexpr int QMB_OFF = IT_BYTES + (1 + kMaxHC) * F_BYTES;  // [2 blocks][kMaxHC] block maxima of qm
+  static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * 4;          // [2 blocks][4] per-class maxima of sk
   static constexpr int QMN_OFF = SKQ_OFF + 2 * 4 * 4;               // [2 blocks][kMaxHC][4] per-class minima of qm
   static constexpr int SKN_OFF = QMN_OFF + 2 * kMaxHC * 4 * 4;      // [2 blocks][4] per-class minima of sk
   static constexpr int STAGE_B = (SKN_OFF + 2 * 4 * 4 + ALIGN - 1) / ALIGN * ALIGN;
   static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
   static constexpr int REGION_B = kStagesB * STAGE_B;
   static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
-  static constexpr int QI_BYTES = (WG && !SALE_SEL_RS) ? kMaxHC * kBlockQ * 128 : 0;
+  static constexpr int QI_BYTES = WG ? kMaxHC * kBlockQ * 128 : 0;
   static constexpr int FIXED = REGION + QI_BYTES + kMaxHC * kBlockQ * 4;  // + HC * nW * 4 bitmap bytes
 };
 
@@ -179,10 +157,32 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
   }
 }
 
-// Stage B's values of one head for this thread's rows g and g + 8 (index rr): the exact threshold, the prefilter
-// bounds below and above it (unscaled units) and the Q quantization step.
+// Stage B's values of one head for this thread's rows g and g + 8 (index rr) that every tile needs: the prefilter's
+// lower bound (unscaled units) and the Q quantization step. The exact threshold and the prefilter's upper bound are
+// needed only by the rarer per-key test, which reads them back from thr_s (RowExact), to save registers.
 struct RowTests {
-  float thr[2], pre[2], post[2], sq[2];
+  float pre[2], sq[2];
+};
+
+// The prefilter bounds of threshold thr in unscaled units, below and above it: the fp32 reassociation error is far
+// below this margin, so a value under pre fails the exact test and one over post passes it
+__device__ __forceinline__ float prefilter_bound(const float thr, const float inv_scale, const float sign) {
+  const float margin = 2e-3f + 1e-5f * fabsf(thr);
+  return thr == INFINITY ? INFINITY : (thr + sign * margin) * inv_scale;
+}
+
+// The exact thresholds of this thread's two rows of one head (thr_row: thr_s at the head's row g) and the
+// prefilter's upper bounds
+struct RowExact {
+  float thr[2], post[2];
+  __device__ __forceinline__ RowExact(const float* thr_row, const float scale) {
+    const float inv_scale = 1.f / scale;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      thr[rr] = thr_row[8 * rr];
+      post[rr] = prefilter_bound(thr[rr], inv_scale, 1.f);
+    }
+  }
 };
 
 // Per head of the CTA: its RowTests and whether it is active (tau > 0, bit h of the result); its integer Q rows
@@ -203,7 +203,7 @@ __device__ __forceinline__ unsigned load_row_tests(const SelectParams& p, const 
     const int hq = hq0 + h;
     const bool act = p.tau[hq] > 0.f;
     active |= act ? (1u << h) : 0u;
-    if constexpr (WG && !SALE_SEL_RS) {  // Q tile of head h -> shared memory (joins the first cp.async group)
+    if constexpr (WG) {  // Q tile of head h -> shared memory (joins the pipeline's first cp.async group)
       const int8_t* qit = p.qi + ((size_t)(b * p.Hq + hq) * p.LqPad + br.r0 + lr) * IB + lc * 16;
       const uint32_t base = sQi + h * kBlockQ * 128;
 #pragma unroll
@@ -224,12 +224,7 @@ __device__ __forceinline__ unsigned load_row_tests(const SelectParams& p, const 
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const float th_r = act ? thr_s[h * kBlockQ + warp * 16 + g + 8 * rr] : INFINITY;
-      rows[h].thr[rr] = th_r;
-      // prefilter bounds in unscaled units, below and above the threshold: the fp32 reassociation error is far
-      // below this margin, so a value under pre fails the exact test and one over post passes it
-      const float margin = 2e-3f + 1e-5f * fabsf(th_r);
-      rows[h].pre[rr] = th_r == INFINITY ? INFINITY : (th_r - margin) * inv_scale;
-      rows[h].post[rr] = th_r == INFINITY ? INFINITY : (th_r + margin) * inv_scale;
+      rows[h].pre[rr] = prefilter_bound(th_r, inv_scale, -1.f);
       rows[h].sq[rr] = sqg[br.r0 + warp * 16 + g + 8 * rr];
     }
   }
@@ -279,16 +274,10 @@ struct TileLoader {
       f_step = kTileKeys;
     } else if (tid < 16 + 18 * HC) {
       const int j = tid - 16 - 16 * HC, h = j / 2, hb = j % 2;
-      if (SALE_SEL_QMQ) {
-        f_src = p.qmq + ((size_t)(b * p.Hq + hq0 + h) * p.nKpad + bstart + hb) * 4;
-        f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 16;
-        f_step = 8;
-      } else {
-        f_src = qmbg + (size_t)h * p.nKpad + bstart + hb;
-        f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 4;
-        f_step = 2;
-        f4 = true;
-      }
+      f_src = qmbg + (size_t)h * p.nKpad + bstart + hb;
+      f_dst = SM::QMB_OFF + (hb * kMaxHC + h) * 4;
+      f_step = 2;
+      f4 = true;
     } else if (tid < 18 + 18 * HC) {
       const int j = tid - 16 - 18 * HC;
       f_src = skqg + (size_t)(bstart + j) * 4;
@@ -325,8 +314,8 @@ struct TileLoader {
 // The bounds of one key block for one head on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8, 8 keys),
 // 2 compares each per thread instead of 8 per row. With x_ij = sq_i * acc_ij (rounded), sk_j >= 0 and rounding
 // monotone, for m_i = max_j acc_ij over the thread's 8 keys:
-//  - upper (here): fma(x_ij, sk_j, qm_j) <= fma(sq_i * max(m_i, 0), skm, qmx) (skm and qmx the largest sk and qm of
-//    those keys; qmx over the block's 32 keys without SALE_SEL_QMQ): when it fails in every row of the warp, the prefilter and the exact test fail
+//  - upper (here): fma(x_ij, sk_j, qm_j) <= fma(sq_i * max(m_i, 0), skm, qmx) (skm the largest sk of those keys, qmx
+//    the largest qm of the block): when it fails in every row of the warp, the prefilter and the exact test fail
 //    for every key of those rows;
 //  - sure (decide_block, only where the upper bound passed): for the key j* with acc_ij* = m_i >= 0,
 //    fma(x_ij*, sk_j*, qm_j*) >= fma(sq_i * m_i, skn, qmn) (the smallest sk and qm); above the prefilter's upper
@@ -363,14 +352,6 @@ __device__ __forceinline__ BlockBounds block_bounds(const Acc& a, const int n0, 
   row_maxima(a, n0, m);
   return bounds_from_maxima(m, r, skm, qmx);
 }
-// The upper bound over both blocks of a tile at once (m: row_maxima of each block; skm, qmx: the larger of the two
-// blocks' values): when it fails in every row of the warp, neither block needs a look.
-__device__ __forceinline__ bool tile_upper(const int (&m0)[2], const int (&m1)[2], const RowTests& r,
-                                           const float skm, const float qmx) {
-  const float y0 = r.sq[0] * (float)max(max(m0[0], m1[0]), 0), y1 = r.sq[1] * (float)max(max(m0[1], m1[1]), 0);
-  return (fmaf(y0, skm, qmx) > r.pre[0]) | (fmaf(y1, skm, qmx) > r.pre[1]);
-}
-
 // The selection test of key block kb for head h, for a warp where the row bound passed (accumulators a[n0 ..
 // n0 + 3]; half `half` of the tile whose sk / qm values start at sks): the prefilter z' = fma(sq_i * acc, sk_j,
 // qm_j) against the bounds, then, only where some element lies between them, the exact reference-order
@@ -378,7 +359,7 @@ __device__ __forceinline__ bool tile_upper(const int (&m0)[2], const int (&m1)[2
 template <typename Acc>
 __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, const int n0, const int h,
                                            const int kb, const int half, const float* sks, const RowTests& r,
-                                           uint32_t* bitmap, const int t, const int lane) {
+                                           const float* thr_row, uint32_t* bitmap, const int t, const int lane) {
   // another warp already selected this block for head h (one shared load, uniform within the warp)
   if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) return;
   const float* qms = sks + (1 + h) * kTileKeys;
@@ -392,15 +373,17 @@ __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, 
   float zm[2][4];
 #pragma unroll
   for (int n = 0; n < 4; ++n) {
-    const float a0 = r.sq[0] * acc_to_float(a[n0 + n][0]), a1 = r.sq[0] * acc_to_float(a[n0 + n][1]);
-    const float a2 = r.sq[1] * acc_to_float(a[n0 + n][2]), a3 = r.sq[1] * acc_to_float(a[n0 + n][3]);
+    const float a0 = r.sq[0] * (float)a[n0 + n][0], a1 = r.sq[0] * (float)a[n0 + n][1];
+    const float a2 = r.sq[1] * (float)a[n0 + n][2], a3 = r.sq[1] * (float)a[n0 + n][3];
     zm[0][n] = fmaxf(fmaf(a0, skv[n].x, qmv[n].x), fmaf(a1, skv[n].y, qmv[n].y));
     zm[1][n] = fmaxf(fmaf(a2, skv[n].x, qmv[n].x), fmaf(a3, skv[n].y, qmv[n].y));
   }
   const float z0 = fmaxf(fmaxf(zm[0][0], zm[0][1]), fmaxf(zm[0][2], zm[0][3]));
   const float z1 = fmaxf(fmaxf(zm[1][0], zm[1][1]), fmaxf(zm[1][2], zm[1][3]));
-  const bool cand = (z0 > r.pre[0]) | (z1 > r.pre[1]), sure = (z0 > r.post[0]) | (z1 > r.post[1]);
+  const bool cand = (z0 > r.pre[0]) | (z1 > r.pre[1]);
   if (!__any_sync(0xffffffffu, cand)) return;
+  const RowExact x(thr_row, p.scale);
+  const bool sure = (z0 > x.post[0]) | (z1 > x.post[1]);
   if (__any_sync(0xffffffffu, sure)) {
     if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
     return;
@@ -411,11 +394,11 @@ __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, 
   for (int n = 0; n < 4; ++n) {
     const float s0 = __fmul_rn(r.sq[0], skv[n].x), s1 = __fmul_rn(r.sq[0], skv[n].y);
     const float s2 = __fmul_rn(r.sq[1], skv[n].x), s3 = __fmul_rn(r.sq[1], skv[n].y);
-    const float e0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, acc_to_float(a[n0 + n][0])), qmv[n].x));
-    const float e1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, acc_to_float(a[n0 + n][1])), qmv[n].y));
-    const float e2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, acc_to_float(a[n0 + n][2])), qmv[n].x));
-    const float e3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, acc_to_float(a[n0 + n][3])), qmv[n].y));
-    pass |= (e0 > r.thr[0]) | (e1 > r.thr[0]) | (e2 > r.thr[1]) | (e3 > r.thr[1]);
+    const float e0 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s0, (float)a[n0 + n][0]), qmv[n].x));
+    const float e1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, (float)a[n0 + n][1]), qmv[n].y));
+    const float e2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, (float)a[n0 + n][2]), qmv[n].x));
+    const float e3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, (float)a[n0 + n][3]), qmv[n].y));
+    pass |= (e0 > x.thr[0]) | (e1 > x.thr[0]) | (e2 > x.thr[1]) | (e3 > x.thr[1]);
   }
   if (__any_sync(0xffffffffu, pass) && lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
 }
@@ -426,19 +409,21 @@ __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, 
 template <typename SM, typename Acc>
 __device__ __forceinline__ void decide_block(const SelectParams& p, const Acc& a, const int n0, const int h,
                                              const int kb, const int half, const float* sks, const RowTests& r,
-                                             uint32_t* bitmap, const int t, const int lane, const BlockBounds& bb) {
+                                             const float* thr_row, uint32_t* bitmap, const int t, const int lane,
+                                             const BlockBounds& bb) {
   if (!__any_sync(0xffffffffu, bb.upper)) return;
 #if SALE_SEL_SURE
   constexpr int QMN = (SM::QMN_OFF - SM::IT_BYTES) / 4, SKN = (SM::SKN_OFF - SM::IT_BYTES) / 4;
   const float qmn = sks[QMN + (half * kMaxHC + h) * 4 + t], skn = sks[SKN + half * 4 + t];
-  const bool sure = (bb.nonneg[0] & (fmaf(bb.x[0], skn, qmn) > r.post[0])) |
-                    (bb.nonneg[1] & (fmaf(bb.x[1], skn, qmn) > r.post[1]));
+  const RowExact x(thr_row, p.scale);
+  const bool sure = (bb.nonneg[0] & (fmaf(bb.x[0], skn, qmn) > x.post[0])) |
+                    (bb.nonneg[1] & (fmaf(bb.x[1], skn, qmn) > x.post[1]));
   if (__any_sync(0xffffffffu, sure)) {
     if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
     return;
   }
 #endif
-  test_block(p, a, n0, h, kb, half, sks, r, bitmap, t, lane);
+  test_block(p, a, n0, h, kb, half, sks, r, thr_row, bitmap, t, lane);
 }
 
 // wgmma path: head h's int8 estimate of both blocks of a tile, one warpgroup-wide chain of m64n64k32 over D / 32
@@ -452,17 +437,6 @@ __device__ __forceinline__ void issue_wgmma_chain(const int h, int (&a)[8][4], c
 #pragma unroll
   for (int kk = 0; kk < D / 32; ++kk)
     wgmma_s8_m64n64k32_ss(a, dq0 + (h * kBlockQ * 128 + kk * 32) / 16, dk0 + kk * 2, kk > 0);
-  wgmma_commit();
-}
-
-// The same with head h's integer Q fragments qa (this thread's, per k-step) as the A operand in registers.
-template <int D>
-__device__ __forceinline__ void issue_wgmma_chain_rs(const uint32_t (&qa)[D / 32][4], int (&a)[8][4],
-                                                     const uint64_t dk0) {
-  reg_fence(a);
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) wgmma_s8_m64n64k32_rs(a, qa[kk], dk0 + kk * 2, kk > 0);
   wgmma_commit();
 }
 
