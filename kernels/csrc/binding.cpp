@@ -147,10 +147,6 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   // the row bound's sk: per key block, the max over the 8 keys of each accumulator column class t (keys 8n + 2t and
   // 8n + 2t + 1, n = 0..3: the keys of one thread's mma / wgmma accumulator fragment)
   auto skq = sk.view({B, Hkv, LkPad / sale::kBlockK, 4, 4, 2}).amax({3, 5}).contiguous();
-  // the sure-pass bound's minima over the same sets: a block whose row maximum clears the threshold even with
-  // the smallest sk and qm is selected without looking at each key
-  auto qmn = qm.view({B, Hq, LkPad / sale::kBlockK, 4, 4, 2}).amin({3, 5}).contiguous();
-  auto skn = sk.view({B, Hkv, LkPad / sale::kBlockK, 4, 4, 2}).amin({3, 5}).contiguous();
   auto pairs = at::zeros({B, Hq}, q.options().dtype(at::kInt));
   sale::SelectParams p{};
   p.q = q.data_ptr();
@@ -162,8 +158,6 @@ std::vector<at::Tensor> sale_select(at::Tensor q, at::Tensor k, at::Tensor qint,
   p.qm = qm.data_ptr<float>();
   p.qmb = qmb.data_ptr<float>();
   p.skq = skq.data_ptr<float>();
-  p.qmn = qmn.data_ptr<float>();
-  p.skn = skn.data_ptr<float>();
   p.qkm = qkm.data_ptr<float>();
   p.tau = tau.data_ptr<float>();
   p.bits = reinterpret_cast<uint32_t*>(bits.data_ptr<int>());

@@ -55,8 +55,6 @@ struct SelectParams {
   const float* qm;      // [B, Hq, LkPad]
   const float* qmb;     // [B, Hq, nKpad]: max of qm over each key block (nKpad = LkPad / 32)
   const float* skq;     // [B, Hkv, nKpad, 4]: max of sk over keys 8n + 2t + {0, 1} (n = 0..3) of each block, per t
-  const float* qmn;     // [B, Hq, nKpad, 4]: min of qm over the same keys as skq
-  const float* skn;     // [B, Hkv, nKpad, 4]: min of sk over the same keys as skq
   const float* qkm;     // [B, Hq, LqPad] scale * q_i . kmean
   const float* tau;     // [Hq]
   uint32_t* bits;       // out [B, Hq, nQ, nW]: bit kb of word kb/32 = key block kb computed (nQ of Lq, nK of Lk)

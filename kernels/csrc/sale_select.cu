@@ -96,7 +96,6 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
     const uint32_t sQi = sB + REGION;  // wgmma path
     uint32_t qa[HC][WG ? 1 : IB / 32][4];  // mma.sync path: integer Q fragments of every head
     RowTests rows[HC];
-    const float* thr_w = thr_s + warp * 16 + th.g;  // this thread's row g in head 0's thresholds
     const unsigned active = load_row_tests<HC, IB, WG>(p, br, b, hq0, th, thr_s, sQi, lr, lc, t_soff, qa, rows);
     const unsigned char* sBp = smem;
     const int ntile = (bend - bstart + 1) / 2;
@@ -108,7 +107,6 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       cp_async_commit();
     }
     uint32_t slot_off = 0u;  // the slot of tile it
-    int notest_sink = 0;
     for (int it = 0; it < ntile; ++it) {
       cp_async_wait<kStagesB - 2>();
       if constexpr (WG) fence_proxy_async_smem();  // written through the generic proxy, wgmma reads it async
@@ -131,31 +129,26 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
       for (int half = 0; half < 2; ++half) skm[half] = sks[(SM::SKQ_OFF - IT_BYTES) / 4 + half * 4 + t];
       const int nb = kb0 + 1 < bend ? 2 : 1;  // the last tile may hold one candidate block
       if constexpr (WG) {
+        // one chain per head in two accumulator sets: heads h and h + 1 in flight while head h is tested, head
+        // h + 2 issued into head h's set once its tests are done; inactive heads are issued too (no branch)
         const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
         const uint64_t dk0 = wgmma_desc_sw128(cKi, 16, 1024);
-        // NS accumulator sets: heads h .. h + NS - 1 in flight while head h is tested, head h + NS issued into head
-        // h's set once its tests are done; inactive heads are issued too (no branch)
-        constexpr int NS = SALE_SEL_ACC3 ? 3 : 2;
-        int acc[NS][8][4];
-#pragma unroll
-        for (int h = 0; h < NS && h < HC; ++h) issue_wgmma_chain<D>(h, acc[h], dq0, dk0);
+        int acc[2][8][4];
+        issue_wgmma_chain<D>(0, acc[0], dq0, dk0);
+        if constexpr (HC > 1) issue_wgmma_chain<D>(1, acc[1], dq0, dk0);
 #pragma unroll
         for (int h = 0; h < HC; ++h) {
-          const int pend = min(NS - 1, HC - 1 - h);  // chains after head h's that may still run
-          if (pend >= 2) wgmma_wait<2>();
-          else if (pend == 1) wgmma_wait<1>();
+          if (h + 1 < HC) wgmma_wait<1>();  // head h's group done (head h + 1's may still run)
           else wgmma_wait<0>();
-          int(&ah)[8][4] = acc[h % NS];
-          reg_fence(ah);
-          if (SALE_SEL_NOTEST) notest_sink ^= ah[0][0] ^ ah[7][3];  // keeps the MMAs alive
-          if (!SALE_SEL_NOTEST && ((active >> h) & 1u)) {  // CTA-uniform; both blocks' bounds first
-            const BlockBounds bb0 = block_bounds(ah, 0, rows[h], skm[0], qmx[0][h]);
-            BlockBounds bb1 = block_bounds(ah, 4, rows[h], skm[1], qmx[1][h]);
-            bb1.upper &= nb == 2;
-            decide_block<SM>(p, ah, 0, h, kb0, 0, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane, bb0);
-            decide_block<SM>(p, ah, 4, h, kb0 + 1, 1, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane, bb1);
+          reg_fence(acc[h & 1]);
+          if ((active >> h) & 1u) {  // CTA-uniform; both blocks' row bounds first (two independent chains)
+            const bool rb0 = row_bound(acc[h & 1], 0, rows[h], skm[0], qmx[0][h]);
+            const bool rb1 = row_bound(acc[h & 1], 4, rows[h], skm[1], qmx[1][h]) & (nb == 2);
+            const bool go0 = __any_sync(0xffffffffu, rb0), go1 = __any_sync(0xffffffffu, rb1);
+            if (go0) test_block(p, acc[h & 1], 0, h, kb0, 0, sks, rows[h], bitmap, t, lane);
+            if (go1) test_block(p, acc[h & 1], 4, h, kb0 + 1, 1, sks, rows[h], bitmap, t, lane);
           }
-          if (h + NS < HC) issue_wgmma_chain<D>(h + NS, ah, dq0, dk0);
+          if (h + 2 < HC) issue_wgmma_chain<D>(h + 2, acc[h & 1], dq0, dk0);
         }
       } else {
 #pragma unroll
@@ -168,14 +161,12 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
           estimate_block_mma<I4, HC, IB / 32, IRB>(acc, qa, cKi, half, lane, need);
 #pragma unroll
           for (int h = 0; h < HC; ++h)
-            if ((need >> h) & 1u)
-              decide_block<SM>(p, acc[h], 0, h, kb, half, sks, rows[h], thr_w + h * kBlockQ, bitmap, t, lane,
-                           block_bounds(acc[h], 0, rows[h], skm[half], qmx[half][h]));
+            if (((need >> h) & 1u) && __any_sync(0xffffffffu, row_bound(acc[h], 0, rows[h], skm[half], qmx[half][h])))
+              test_block(p, acc[h], 0, h, kb, half, sks, rows[h], bitmap, t, lane);
         }
       }
     }
     cp_async_wait<0>();
-    if (SALE_SEL_NOTEST && notest_sink == 0x7ffffff1) bitmap[0] |= 2u;
   }
   __syncthreads();
 

@@ -4,8 +4,7 @@
 //   TileLoader             stage B's cp.async pipeline of integer K tiles with their sk / qm side values
 //   issue_wgmma_chain,
 //   estimate_block_mma     the integer estimate of a tile (wgmma) or of one key block (mma.sync)
-//   block_bounds, decide_block, test_block
-//                          the selection test: upper and sure bounds, prefilter, exact reference-order test
+//   row_bound, test_block  the selection test: row bound, prefilter, exact reference-order test
 //   write_bits             the bitmap and the computed-pair counts to global memory
 #pragma once
 
@@ -21,20 +20,6 @@ constexpr int kTileKeys = 64;  // two key blocks per stage-B tile
 constexpr int kMaxHC = 4;      // most query heads per CTA
 }  // namespace
 
-// Build switches of stage B (A/B measurement; the defaults are the measured choices, docs/DESIGN.md):
-//   SALE_SEL_SURE   the sure-pass bound (row maximum with the smallest sk and qm) before the per-key test
-//   SALE_SEL_ACC3   three accumulator sets (three heads' chains in flight) instead of two
-//   SALE_SEL_NOTEST measurement only: no test after the MMAs (the bitmap is then R alone)
-#ifndef SALE_SEL_SURE
-#define SALE_SEL_SURE 0
-#endif
-#ifndef SALE_SEL_ACC3
-#define SALE_SEL_ACC3 1
-#endif
-#ifndef SALE_SEL_NOTEST
-#define SALE_SEL_NOTEST 0
-#endif
-
 // Shared memory of the selection kernel (device and host agree on it). Region A (stage A's 16-bit Q and K tiles)
 // and region B (stage B's integer K tiles with their sk / qm values, per-block qm maxima and skq, kStagesB deep)
 // overlap; then, on the wgmma path, the int8 Q tiles of up to kMaxHC heads; then the row thresholds and the bitmap
@@ -49,10 +34,8 @@ struct SelectSmem {
   static constexpr int F_BYTES = kTileKeys * 4;     // sk / qm of a tile
   static constexpr int ALIGN = WG ? 1024 : 16;
   static constexpr int QMB_OFF = IT_BYTES + (1 + kMaxHC) * F_BYTES;  // [2 blocks][kMaxHC] block maxima of qm
-  static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * 4;          // [2 blocks][4] per-class maxima of sk
-  static constexpr int QMN_OFF = SKQ_OFF + 2 * 4 * 4;               // [2 blocks][kMaxHC][4] per-class minima of qm
-  static constexpr int SKN_OFF = QMN_OFF + 2 * kMaxHC * 4 * 4;      // [2 blocks][4] per-class minima of sk
-  static constexpr int STAGE_B = (SKN_OFF + 2 * 4 * 4 + ALIGN - 1) / ALIGN * ALIGN;
+  static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * 4;  // [2 blocks][4] per-class maxima of sk
+  static constexpr int STAGE_B = (SKQ_OFF + 2 * 4 * 4 + ALIGN - 1) / ALIGN * ALIGN;
   static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
   static constexpr int REGION_B = kStagesB * STAGE_B;
   static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
@@ -157,32 +140,10 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
   }
 }
 
-// Stage B's values of one head for this thread's rows g and g + 8 (index rr) that every tile needs: the prefilter's
-// lower bound (unscaled units) and the Q quantization step. The exact threshold and the prefilter's upper bound are
-// needed only by the rarer per-key test, which reads them back from thr_s (RowExact), to save registers.
+// Stage B's values of one head for this thread's rows g and g + 8 (index rr): the exact threshold, the prefilter
+// bounds below and above it (unscaled units) and the Q quantization step.
 struct RowTests {
-  float pre[2], sq[2];
-};
-
-// The prefilter bounds of threshold thr in unscaled units, below and above it: the fp32 reassociation error is far
-// below this margin, so a value under pre fails the exact test and one over post passes it
-__device__ __forceinline__ float prefilter_bound(const float thr, const float inv_scale, const float sign) {
-  const float margin = 2e-3f + 1e-5f * fabsf(thr);
-  return thr == INFINITY ? INFINITY : (thr + sign * margin) * inv_scale;
-}
-
-// The exact thresholds of this thread's two rows of one head (thr_row: thr_s at the head's row g) and the
-// prefilter's upper bounds
-struct RowExact {
-  float thr[2], post[2];
-  __device__ __forceinline__ RowExact(const float* thr_row, const float scale) {
-    const float inv_scale = 1.f / scale;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      thr[rr] = thr_row[8 * rr];
-      post[rr] = prefilter_bound(thr[rr], inv_scale, 1.f);
-    }
-  }
+  float thr[2], pre[2], post[2], sq[2];
 };
 
 // Per head of the CTA: its RowTests and whether it is active (tau > 0, bit h of the result); its integer Q rows
@@ -224,7 +185,12 @@ __device__ __forceinline__ unsigned load_row_tests(const SelectParams& p, const 
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const float th_r = act ? thr_s[h * kBlockQ + warp * 16 + g + 8 * rr] : INFINITY;
-      rows[h].pre[rr] = prefilter_bound(th_r, inv_scale, -1.f);
+      rows[h].thr[rr] = th_r;
+      // prefilter bounds in unscaled units, below and above the threshold: the fp32 reassociation error is far
+      // below this margin, so a value under pre fails the exact test and one over post passes it
+      const float margin = 2e-3f + 1e-5f * fabsf(th_r);
+      rows[h].pre[rr] = th_r == INFINITY ? INFINITY : (th_r - margin) * inv_scale;
+      rows[h].post[rr] = th_r == INFINITY ? INFINITY : (th_r + margin) * inv_scale;
       rows[h].sq[rr] = sqg[br.r0 + warp * 16 + g + 8 * rr];
     }
   }
@@ -233,8 +199,8 @@ __device__ __forceinline__ unsigned load_row_tests(const SelectParams& p, const 
 
 // Stage B's copies of this thread, planned once and advanced by one tile per load() (tiles are loaded in order):
 // its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a head's qm
-// (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), a block's 4 skq
-// values (16 bytes, the next 2 threads), and with SALE_SEL_SURE the minima qmn and skn in the same way. The second block of the last tile may lie past bend: its values are still
+// (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), or a block's 4 skq
+// values (16 bytes, the next 2 threads). The second block of the last tile may lie past bend: its values are still
 // below nKpad / LkPad. Slots of the kStagesB-deep ring are STAGE_B bytes apart from sB.
 template <typename SM, int HC>
 struct TileLoader {
@@ -283,16 +249,6 @@ struct TileLoader {
       f_src = skqg + (size_t)(bstart + j) * 4;
       f_dst = SM::SKQ_OFF + j * 16;
       f_step = 8;
-    } else if (SALE_SEL_SURE && tid < 18 + 20 * HC) {
-      const int j = tid - 18 - 18 * HC, h = j / 2, hb = j % 2;
-      f_src = p.qmn + ((size_t)(b * p.Hq + hq0 + h) * p.nKpad + bstart + hb) * 4;
-      f_dst = SM::QMN_OFF + (hb * kMaxHC + h) * 16;
-      f_step = 8;
-    } else if (SALE_SEL_SURE && tid < 20 + 20 * HC) {
-      const int j = tid - 18 - 20 * HC;
-      f_src = p.skn + ((size_t)(b * p.Hkv + hkv) * p.nKpad + bstart + j) * 4;
-      f_dst = SM::SKN_OFF + j * 16;
-      f_step = 8;
     }
     f16 = f_src != nullptr && !f4;
   }
@@ -311,47 +267,23 @@ struct TileLoader {
   }
 };
 
-// The bounds of one key block for one head on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8, 8 keys),
-// 2 compares each per thread instead of 8 per row. With x_ij = sq_i * acc_ij (rounded), sk_j >= 0 and rounding
-// monotone, for m_i = max_j acc_ij over the thread's 8 keys:
-//  - upper (here): fma(x_ij, sk_j, qm_j) <= fma(sq_i * max(m_i, 0), skm, qmx) (skm the largest sk of those keys, qmx
-//    the largest qm of the block): when it fails in every row of the warp, the prefilter and the exact test fail
-//    for every key of those rows;
-//  - sure (decide_block, only where the upper bound passed): for the key j* with acc_ij* = m_i >= 0,
-//    fma(x_ij*, sk_j*, qm_j*) >= fma(sq_i * m_i, skn, qmn) (the smallest sk and qm); above the prefilter's upper
-//    bound post_i the exact test passes for j*, so the block is selected without looking at each key.
-struct BlockBounds {
-  float x[2];     // sq_i * max(m_i, 0)
-  bool nonneg[2]; // m_i >= 0 (the sure bound holds)
-  bool upper;     // the upper bound passes in some row of this thread
-};
-// m_i (at least -1) of this thread's rows g and g + 8 over the 8 keys of accumulators a[n0 .. n0 + 3]
+// The row bound of one key block for one head on this thread's accumulators a[n0 .. n0 + 3] (rows g and g + 8,
+// 8 keys): 2 tests per thread instead of 8 per row. With x = sq_i * acc_ij (rounded) and sk_j >= 0,
+// fma(x, sk_j, qm_j) <= fma(sq_i * max(max_j acc_ij, 0), max_j sk_j, max_j qm_j) (rounding is monotone; sk over the
+// thread's 8 keys: skm, qm over the block: qmx), so when this bound fails in every row of the warp the prefilter
+// fails for every key of those rows, and so does the exact test.
 template <typename Acc>
-__device__ __forceinline__ void row_maxima(const Acc& a, const int n0, int (&m)[2]) {
-  m[0] = m[1] = -1;
+__device__ __forceinline__ bool row_bound(const Acc& a, const int n0, const RowTests& r, const float skm,
+                                          const float qmx) {
+  int am0 = 0, am1 = 0;
 #pragma unroll
   for (int n = 0; n < 4; ++n) {
-    m[0] = max(m[0], max(a[n0 + n][0], a[n0 + n][1]));
-    m[1] = max(m[1], max(a[n0 + n][2], a[n0 + n][3]));
+    am0 = max(am0, max(a[n0 + n][0], a[n0 + n][1]));
+    am1 = max(am1, max(a[n0 + n][2], a[n0 + n][3]));
   }
+  return (fmaf(r.sq[0] * (float)am0, skm, qmx) > r.pre[0]) | (fmaf(r.sq[1] * (float)am1, skm, qmx) > r.pre[1]);
 }
-__device__ __forceinline__ BlockBounds bounds_from_maxima(const int (&m)[2], const RowTests& r, const float skm,
-                                                          const float qmx) {
-  BlockBounds bb;
-  bb.x[0] = r.sq[0] * (float)max(m[0], 0);
-  bb.x[1] = r.sq[1] * (float)max(m[1], 0);
-  bb.nonneg[0] = m[0] >= 0;
-  bb.nonneg[1] = m[1] >= 0;
-  bb.upper = (fmaf(bb.x[0], skm, qmx) > r.pre[0]) | (fmaf(bb.x[1], skm, qmx) > r.pre[1]);
-  return bb;
-}
-template <typename Acc>
-__device__ __forceinline__ BlockBounds block_bounds(const Acc& a, const int n0, const RowTests& r, const float skm,
-                                                    const float qmx) {
-  int m[2];
-  row_maxima(a, n0, m);
-  return bounds_from_maxima(m, r, skm, qmx);
-}
+
 // The selection test of key block kb for head h, for a warp where the row bound passed (accumulators a[n0 ..
 // n0 + 3]; half `half` of the tile whose sk / qm values start at sks): the prefilter z' = fma(sq_i * acc, sk_j,
 // qm_j) against the bounds, then, only where some element lies between them, the exact reference-order
@@ -359,7 +291,7 @@ __device__ __forceinline__ BlockBounds block_bounds(const Acc& a, const int n0, 
 template <typename Acc>
 __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, const int n0, const int h,
                                            const int kb, const int half, const float* sks, const RowTests& r,
-                                           const float* thr_row, uint32_t* bitmap, const int t, const int lane) {
+                                           uint32_t* bitmap, const int t, const int lane) {
   // another warp already selected this block for head h (one shared load, uniform within the warp)
   if ((reinterpret_cast<volatile uint32_t*>(bitmap)[h * p.nW + (kb >> 5)] >> (kb & 31)) & 1u) return;
   const float* qms = sks + (1 + h) * kTileKeys;
@@ -380,10 +312,8 @@ __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, 
   }
   const float z0 = fmaxf(fmaxf(zm[0][0], zm[0][1]), fmaxf(zm[0][2], zm[0][3]));
   const float z1 = fmaxf(fmaxf(zm[1][0], zm[1][1]), fmaxf(zm[1][2], zm[1][3]));
-  const bool cand = (z0 > r.pre[0]) | (z1 > r.pre[1]);
+  const bool cand = (z0 > r.pre[0]) | (z1 > r.pre[1]), sure = (z0 > r.post[0]) | (z1 > r.post[1]);
   if (!__any_sync(0xffffffffu, cand)) return;
-  const RowExact x(thr_row, p.scale);
-  const bool sure = (z0 > x.post[0]) | (z1 > x.post[1]);
   if (__any_sync(0xffffffffu, sure)) {
     if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
     return;
@@ -398,32 +328,9 @@ __device__ __forceinline__ void test_block(const SelectParams& p, const Acc& a, 
     const float e1 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s1, (float)a[n0 + n][1]), qmv[n].y));
     const float e2 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s2, (float)a[n0 + n][2]), qmv[n].x));
     const float e3 = __fmul_rn(p.scale, __fadd_rn(__fmul_rn(s3, (float)a[n0 + n][3]), qmv[n].y));
-    pass |= (e0 > x.thr[0]) | (e1 > x.thr[0]) | (e2 > x.thr[1]) | (e3 > x.thr[1]);
+    pass |= (e0 > r.thr[0]) | (e1 > r.thr[0]) | (e2 > r.thr[1]) | (e3 > r.thr[1]);
   }
   if (__any_sync(0xffffffffu, pass) && lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
-}
-
-// The decision for key block kb of head h (tile values at sks, its half `half`) where this thread's bounds are bb:
-// nothing when no row of the warp passes the upper bound; else the block is selected when the sure bound passes in
-// some row (SALE_SEL_SURE), and the per-key test decides otherwise.
-template <typename SM, typename Acc>
-__device__ __forceinline__ void decide_block(const SelectParams& p, const Acc& a, const int n0, const int h,
-                                             const int kb, const int half, const float* sks, const RowTests& r,
-                                             const float* thr_row, uint32_t* bitmap, const int t, const int lane,
-                                             const BlockBounds& bb) {
-  if (!__any_sync(0xffffffffu, bb.upper)) return;
-#if SALE_SEL_SURE
-  constexpr int QMN = (SM::QMN_OFF - SM::IT_BYTES) / 4, SKN = (SM::SKN_OFF - SM::IT_BYTES) / 4;
-  const float qmn = sks[QMN + (half * kMaxHC + h) * 4 + t], skn = sks[SKN + half * 4 + t];
-  const RowExact x(thr_row, p.scale);
-  const bool sure = (bb.nonneg[0] & (fmaf(bb.x[0], skn, qmn) > x.post[0])) |
-                    (bb.nonneg[1] & (fmaf(bb.x[1], skn, qmn) > x.post[1]));
-  if (__any_sync(0xffffffffu, sure)) {
-    if (lane == 0) atomicOr(&bitmap[h * p.nW + (kb >> 5)], 1u << (kb & 31));
-    return;
-  }
-#endif
-  test_block(p, a, n0, h, kb, half, sks, r, thr_row, bitmap, t, lane);
 }
 
 // wgmma path: head h's int8 estimate of both blocks of a tile, one warpgroup-wide chain of m64n64k32 over D / 32
