@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Issue 18 device call: build the selection variants in bench_variants/ (the same source with other SALE_SEL_*
-# switches), time each against the checkout's build on bench-op's structured inputs (block maps compared word for
-# word), run the GPU kernel tests, and profile the checkout's selection with ncu.
+# A/B variants of the selection kernel on the device machine (H200): build each variant in bench_variants/ (a copy
+# of kernels/csrc/sale_select.cu, usually with #define switches prepended; the file must travel, so leave the folder
+# untracked and not ignored), time it against the checkout's build on bench-op's structured inputs at LENGTHS and
+# TAUS (block maps compared word for word), run the GPU tests (TEST_FILES, default the kernel tests) and profile
+# the checkout's selection with ncu (NCU=1: pipe utilisation, shared-memory wavefronts, stall reasons).
+# Each step can be switched off: VARIANTS=0, TESTS=0, NCU=0. The issue-18 switches (SALE_SEL_*) are in the
+# sources of commits 4d5d86b and ea0790a; docs/history/PERF_KERNEL_NOTES.md has what each measured.
+#   NCU=0 TAUS=0.9,0.2,0.003,0.0003 TEST_FILES=tests/ bash scripts/device_select_variants.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
