@@ -6,15 +6,10 @@
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash scripts/device_chunk_check.sh
 # (BASE=<rev> for another base commit, or BASE_CSRC=<dir> for a kernels/csrc tree where git is absent;
 # STAGES="tests" or "timing" for one half; TEST_ARGS / TIMING_ARGS passed on)
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_setup.sh"
 BASE=${BASE:-5c18bec}
 STAGES=${STAGES:-tests timing}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-t0=$(date +%s)
-stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 BASE_DIR=""
 if [ -n "${BASE_CSRC:-}" ] && [ -d "$BASE_CSRC" ]; then  # a kernels/csrc tree carried in by hand

@@ -3,14 +3,9 @@
 # (tau 0.004 on every head) at LENGTH tokens, whole prompt vs prefill chunks of CHUNKS (issue 14's check that
 # chunked prefill costs at most 10% over the whole prompt, dense and SALE, attention over all 32 layers).
 # Usage (repo root, GPU machine): OUT=/some/dir [LENGTH=131072 CHUNKS="16384"] bash scripts/device_chunked_latency.sh
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_setup.sh"
 LENGTH=${LENGTH:-131072}
 CHUNKS=${CHUNKS:-16384}
-t0=$(date +%s)
-stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('available:', c.available())" 2>&1 | tail -1
 stamp build

@@ -5,12 +5,8 @@
 #   STAGE=runs   (carry .carry_b and .whl, the next call while the machine is warm): the demo model's 8K
 #                calibration with held-out checks, without and with the dense-heads rule; bench-op at 32K/64K/128K
 #                (taus 0.2, 0.008) and the high-density rows for the break-even at 32K and 64K.
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-t0=$(date +%s); stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
+source "$(dirname "$0")/device_setup.sh"
 [ -d .carry_a ] && { mkdir -p /tmp/keep && cp .carry_a/* /tmp/keep/; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('cuda backend:', c.available())" 2>&1 | tail -2
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader; stamp build
 case "${STAGE:-tests}" in

@@ -3,11 +3,7 @@
 # 0.2, 0.008; stage split) and a tau sweep at 128K for the break-even density. STAGE=calib: the demo model's 8K
 # calibration with held-out checks (scripts/calibration_heldout.py). The demo model's GGUF travels in two halves
 # (.carry_a, .carry_b: it exceeds one call's carry) and is put together here; gguf travels as a wheel (.whl).
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-t0=$(date +%s); stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/device_setup.sh"
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('cuda backend:', c.available())" 2>&1 | tail -2
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader; stamp build
 BENCH="sale bench-op --estimates int8 --computes cuda --sdpa cudnn --granularities none --reps 3 --warmup 1"

@@ -11,13 +11,8 @@
 #             LATENCY_LENGTHS (default 8192,32768,131072): the end-to-end measurement path
 # Usage (repo root, on the GPU machine): OUT=/some/dir STAGES="tests bench" BENCH_ARGS="--lengths 32768" \
 #   bash scripts/device_kernel_suite.sh
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_setup.sh"
 STAGES=${STAGES:-tests sanitize bench}
-t0=$(date +%s)
-stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('available:', c.available())" 2>&1 | tail -3
 stamp build

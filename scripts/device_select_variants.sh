@@ -7,11 +7,7 @@
 # Each step can be switched off: VARIANTS=0, TESTS=0, NCU=0. The issue-18 switches (SALE_SEL_*) are in the
 # sources of commits 4d5d86b and ea0790a; docs/history/PERF_KERNEL_NOTES.md has what each measured.
 #   NCU=0 TAUS=0.9,0.2,0.003,0.0003 TEST_FILES=tests/ bash scripts/device_select_variants.sh
-set -o pipefail
-export PYTHONUNBUFFERED=1 MAX_JOBS=16
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-t0=$(date +%s); stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/device_setup.sh"
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('cuda backend:', c.available())" 2>&1 | tail -2
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader; stamp build
 if [ "${VARIANTS:-1}" = 1 ]; then
