@@ -173,8 +173,256 @@ __global__ void __launch_bounds__(kThreads, (kWgmmaArch && !I4) ? 3 : 1) sale_se
   write_bits<HC>(p, b, hq0, qb, bitmap, th);
 }
 
+// ---- warp-specialized selection (sm_90a, int8): NC query blocks per CTA, one consumer warpgroup each, and a
+// producer warp that streams the integer K tiles of the union of their candidate ranges through an S-slot ring
+// (cp.async, completion signalled on a per-slot mbarrier; consumers release a slot on a second one). Every K tile
+// serves NC query blocks x HC heads, and no CTA-wide barrier sits in the tile loop: one consumer's tests run
+// while the other's MMAs do.
+#ifndef SALE_SEL_NC
+#define SALE_SEL_NC 3
+#endif
+#ifndef SALE_SEL_RR
+#define SALE_SEL_RR 1  // 1: no producer warp; the consumers load the tiles in turn (tile j by rank j % n)
+#endif
+#ifndef SALE_SEL_PP
+#define SALE_SEL_PP 1  // ping-pong: the warpgroups issue each tile's first MMAs in turn (rank order, named barriers)
+#endif
+#ifndef SALE_SEL_AHEAD
+#define SALE_SEL_AHEAD 3  // SALE_SEL_RR: tiles loaded ahead of the one being tested (< SALE_SEL_STAGES)
+#endif
+#ifndef SALE_SEL_STAGES
+#define SALE_SEL_STAGES 6
+#endif
+#ifndef SALE_SEL_NOTEST
+#define SALE_SEL_NOTEST 0  // diagnostic: MMAs and tile pipeline only (accumulators folded into one register)
+#endif
+#ifndef SALE_SEL_ACC
+#define SALE_SEL_ACC 2  // accumulator sets per consumer: heads in flight while one is tested
+#endif
+namespace {
+constexpr int kWsNC = SALE_SEL_NC;
+constexpr int kWsStages = SALE_SEL_STAGES;
+constexpr int kWsThreads = kWsNC * kThreads + (SALE_SEL_RR ? 0 : 32);
+static_assert(SALE_SEL_AHEAD < SALE_SEL_STAGES, "a slot must be free to load ahead");
+}  // namespace
+
+// Shared memory of the warp-specialized kernel: the ring; per consumer a region for stage A's 16-bit tiles, then
+// (after stage A) its int8 Q tiles; per consumer its row thresholds; the mbarriers (full[S], empty[S]); per
+// consumer its bitmap words (HC * nW, sized by the host).
+template <int D, int NC, int S>
+struct SelectSmemWs {
+  using Ring = SelectSmem<D, false, true, S>;
+  static constexpr int RING = S * Ring::STAGE_B;
+  static constexpr int QREG = ((Ring::REGION_A > Ring::QI_BYTES ? Ring::REGION_A : Ring::QI_BYTES) + 1023) / 1024 * 1024;
+  static constexpr int Q_OFF = RING;
+  static constexpr int THR_BYTES = kMaxHC * kBlockQ * 4;
+  static constexpr int THR_OFF = Q_OFF + NC * QREG;
+  static constexpr int BAR_OFF = THR_OFF + NC * THR_BYTES;
+  static constexpr int BITS_OFF = BAR_OFF + 2 * S * 8;
+  static constexpr int FIXED = BITS_OFF;  // + NC * HC * nW * 4
+};
+
+template <typename T, int D, int HC, int NC, int S>
+__global__ void __launch_bounds__(NC * kThreads + (SALE_SEL_RR ? 0 : 32), 1) sale_select_ws_kernel(SelectParams p) {
+  using SM = SelectSmem<D, false, true, S>;
+  using WS = SelectSmemWs<D, NC, S>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  if (smem_u32(smem) % 1024 != 0) __trap();  // swizzle atoms must be 1024-byte aligned
+  const int hq0 = blockIdx.y * HC, b = blockIdx.z;
+  const int G = p.Hq / p.Hkv;
+  const int hkv = hq0 / G;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  bool any_sparse = false;
+  for (int h = 0; h < HC; ++h) any_sparse |= p.tau[hq0 + h] > 0.f;
+  // the consumers with candidates, and the union of their ranges (tiles counted from its start)
+  int ustart = 0x7fffffff, uend = 0, nsparse = 0, rank = 0;  // rank: this warpgroup's among those with candidates
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int qc = p.nQ - 1 - (int)(blockIdx.x * NC + c);
+    if (qc < 0 || !any_sparse) continue;
+    const BlockRange r = block_range(qc, p.Lq, p.off, kBlockQ, kBlockK, p.sink_tokens, p.local_window);
+    if (r.nsink >= r.lstart) continue;
+    ustart = min(ustart, r.nsink);
+    uend = max(uend, r.lstart);
+    rank += c < warp / 4 ? 1 : 0;
+    ++nsparse;
+  }
+  const int ntile = nsparse > 0 ? (uend - ustart + 1) / 2 : 0;
+  const uint32_t sB = smem_u32(smem);
+  const uint32_t full0 = sB + WS::BAR_OFF, empty0 = full0 + S * 8;
+  if (tid == 0 && nsparse > 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full0 + 8 * s, SALE_SEL_RR ? kThreads : 32);  // one cp.async arrival per loading thread
+      mbar_init(empty0 + 8 * s, 4 * nsparse);    // one arrival per consumer warp
+    }
+  }
+  __syncthreads();
+
+#if !SALE_SEL_RR
+  if (warp == NC * 4) {  // ---------------- producer warp ----------------
+    if (ntile == 0) return;
+    // the 128-thread copy plan of TileLoader, four virtual threads per lane
+    constexpr int ICPR = SM::IB / 16;
+    TileLoader<SM, HC> ld[4];
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int vt = lane + 32 * v, lr = vt / ICPR, lc = vt % ICPR;
+      ld[v] = TileLoader<SM, HC>(p, b, hq0, hkv, ustart, vt, lr, lc, lr * 128 + ((lc ^ (lr % 8)) << 4));
+    }
+    int slot = 0, wrap = 0;
+    for (int it = 0; it < ntile; ++it) {
+      if (wrap > 0) mbar_wait(empty0 + 8 * slot, (wrap - 1) & 1);  // the slot's previous tile released
+#pragma unroll
+      for (int v = 0; v < 4; ++v) ld[v].load(sB);
+      mbar_arrive_cp_async(full0 + 8 * slot);
+      if (++slot == S) slot = 0, ++wrap;
+    }
+    cp_async_wait_all();
+    return;
+  }
+#endif
+
+  // ---------------- consumer warpgroup c: query block qb ----------------
+  const int c = warp / 4;
+  const int qb = p.nQ - 1 - (int)(blockIdx.x * NC + c);
+  if (qb < 0) return;
+  const int ctid = tid % kThreads;
+  const ThreadPos th{ctid, warp % 4, lane, lane / 4, lane % 4};
+  const int t = th.t;
+  const WarpgroupSync sync{1 + c};
+  const BlockRange br = block_range(qb, p.Lq, p.off, kBlockQ, kBlockK, p.sink_tokens, p.local_window);
+  unsigned char* creg = smem + WS::Q_OFF + c * WS::QREG;
+  float* thr_s = reinterpret_cast<float*>(smem + WS::THR_OFF + c * WS::THR_BYTES);
+  uint32_t* bitmap = reinterpret_cast<uint32_t*>(smem + WS::BITS_OFF + c * HC * p.nW * 4);
+  for (int i = ctid; i < HC * p.nW; i += kThreads) {  // R of every head, every visible block at tau 0
+    const int h = i / p.nW, w = i % p.nW;
+    const float tau = p.tau[hq0 + h];
+    uint32_t m = 0u;
+    const int lo = w * 32;
+#pragma unroll 4
+    for (int j = 0; j < 32; ++j) {
+      const int kb = lo + j;
+      const bool in = kb <= br.lend && (tau == 0.f || kb < br.nsink || kb >= br.lstart);
+      m |= in ? (1u << j) : 0u;
+    }
+    bitmap[i] = m;
+  }
+  const int bstart = br.nsink, bend = br.lstart;
+  if (any_sparse && bstart < bend) {
+    reference_thresholds<T, D, HC>(p, br, b, hq0, hkv, th, creg, thr_s, sync);
+    sync();  // region A is reused by the int8 Q tiles; thr_s complete
+    constexpr int ICPR = SM::IB / 16;
+    const int lr = ctid / ICPR, lc = ctid % ICPR;
+    const uint32_t t_soff = lr * 128 + ((lc ^ (lr % 8)) << 4);
+    const uint32_t sQi = smem_u32(creg);
+    uint32_t qa[HC][1][4];
+    RowTests rows[HC];
+    const unsigned active = load_row_tests<HC, SM::IB, true>(p, br, b, hq0, th, thr_s, sQi, lr, lc, t_soff, qa, rows);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    sync();
+    const uint64_t dq0 = wgmma_desc_sw128(sQi, 16, 1024);
+    int slot = 0, notest_sink = 0;
+    uint32_t phase = 0u, slot_off = 0u;
+#if SALE_SEL_RR
+    // tile `next` is loaded (by the warpgroup of rank next % nsparse) SALE_SEL_AHEAD tiles before it is tested
+    TileLoader<SM, HC> loader(p, b, hq0, hkv, ustart, ctid, lr, lc, t_soff);
+    int next = 0, nslot = 0, nwrap = 0, owner = 0;
+    auto load_next = [&]() {
+      if (owner == rank) {
+        if (nwrap > 0) mbar_wait(empty0 + 8 * nslot, (nwrap - 1) & 1);  // the slot's previous tile released
+        loader.load(sB);
+        mbar_arrive_cp_async(full0 + 8 * nslot);
+      } else {
+        loader.skip();
+      }
+      ++next;
+      if (++nslot == S) nslot = 0, ++nwrap;
+      if (++owner == nsparse) owner = 0;
+    };
+    while (next < SALE_SEL_AHEAD && next < ntile) load_next();
+#endif
+    for (int it = 0; it < ntile; ++it) {
+#if SALE_SEL_RR
+      if (next < ntile) load_next();
+#endif
+      mbar_wait(full0 + 8 * slot, phase);
+      fence_proxy_async_smem();  // the tile was written through the generic proxy, wgmma reads it async
+      const int kb0 = ustart + 2 * it;
+      const bool v0 = kb0 >= bstart && kb0 < bend, v1 = kb0 + 1 >= bstart && kb0 + 1 < bend;
+      // ping-pong: wait for the previous rank to have issued its first MMAs of this tile (rank 0: of the last)
+      if (SALE_SEL_PP && nsparse > 1 && (it > 0 || rank > 0)) named_barrier_sync(NC + 1 + rank, 2 * kThreads);
+      const bool pp_signal = SALE_SEL_PP && nsparse > 1 && (it + 1 < ntile || rank + 1 < nsparse);
+      const int pp_next = NC + 1 + (rank + 1 == nsparse ? 0 : rank + 1);
+      if (v0 | v1) {  // uniform: only the union's edge tiles lie outside this query block's range
+        const uint32_t cKi = sB + slot_off;
+        const float* sks = reinterpret_cast<const float*>(smem + slot_off + SM::IT_BYTES);
+        float qmx[2][HC], skm[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int h = 0; h < HC; ++h) qmx[half][h] = sks[(SM::QMB_OFF - SM::IT_BYTES) / 4 + half * kMaxHC + h];
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) skm[half] = sks[(SM::SKQ_OFF - SM::IT_BYTES) / 4 + half * 4 + t];
+        // A = SALE_SEL_ACC accumulator sets: heads h + 1 .. h + A - 1 in flight while h is tested, head h + A
+        // issued into h's set once its tests are done
+        constexpr int A = SALE_SEL_ACC < HC ? SALE_SEL_ACC : HC;
+        const uint64_t dk0 = wgmma_desc_sw128(cKi, 16, 1024);
+        int acc[A][8][4];
+#pragma unroll
+        for (int h = 0; h < A; ++h) issue_wgmma_chain<D>(h, acc[h], dq0, dk0);
+        if (pp_signal) named_barrier_arrive(pp_next, 2 * kThreads);
+#pragma unroll
+        for (int h = 0; h < HC; ++h) {
+          const int pending = (HC - 1 - h) < (A - 1) ? (HC - 1 - h) : (A - 1);  // groups still allowed in flight
+          if (pending >= 3) wgmma_wait<3>();
+          else if (pending == 2) wgmma_wait<2>();
+          else if (pending == 1) wgmma_wait<1>();
+          else wgmma_wait<0>();
+          reg_fence(acc[h % A]);
+          if (SALE_SEL_NOTEST) notest_sink ^= acc[h % A][0][0] ^ acc[h % A][7][3];
+          if (!SALE_SEL_NOTEST && ((active >> h) & 1u)) {
+            const bool rb0 = row_bound(acc[h % A], 0, rows[h], skm[0], qmx[0][h]) & v0;
+            const bool rb1 = row_bound(acc[h % A], 4, rows[h], skm[1], qmx[1][h]) & v1;
+            const bool go0 = __any_sync(0xffffffffu, rb0), go1 = __any_sync(0xffffffffu, rb1);
+            if (go0) test_block(p, acc[h % A], 0, h, kb0, 0, sks, rows[h], bitmap, t, lane);
+            if (go1) test_block(p, acc[h % A], 4, h, kb0 + 1, 1, sks, rows[h], bitmap, t, lane);
+          }
+          if (h + A < HC) issue_wgmma_chain<D>(h + A, acc[h % A], dq0, dk0);
+        }
+      } else if (pp_signal) {
+        named_barrier_arrive(pp_next, 2 * kThreads);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with the slot (MMAs waited for)
+      slot_off = TileLoader<SM, HC>::next_slot(slot_off);
+      if (++slot == S) slot = 0, phase ^= 1u;
+    }
+    if (SALE_SEL_NOTEST && notest_sink == 0x7ffffff1) bitmap[0] |= 2u;
+  }
+  sync();
+  write_bits<HC>(p, b, hq0, qb, bitmap, th);
+}
+
+template <typename T, int D, int HC>
+static cudaError_t select_ws_launch(const SelectParams& p, cudaStream_t s) {
+  using WS = SelectSmemWs<D, kWsNC, kWsStages>;
+  const int smem = WS::FIXED + kWsNC * HC * p.nW * 4;
+  auto kernel = sale_select_ws_kernel<T, D, HC, kWsNC, kWsStages>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  dim3 grid((p.nQ + kWsNC - 1) / kWsNC, p.Hq / HC, p.B);
+  kernel<<<grid, kWsThreads, smem, s>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T, int D, bool I4, int HC>
 static cudaError_t select_launch(const SelectParams& p, cudaStream_t s) {
+  if constexpr (!I4) {
+    if (wgmma_device()) return select_ws_launch<T, D, HC>(p, s);
+  }
   // the wgmma path (int8 Q tiles in shared memory, 128-byte swizzle) exists in sm_90a builds only
   const int fixed = (wgmma_device() && !I4) ? SelectSmem<D, I4, true>::FIXED : SelectSmem<D, I4, false>::FIXED;
   const int smem = fixed + HC * p.nW * 4;
