@@ -161,35 +161,6 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async_smem() {
   SALE_WGMMA_ASM("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-// mbarriers of the warp-specialized selection (sm_90a builds only; elsewhere they trap like the wgmma wrappers)
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  SALE_WGMMA_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  SALE_WGMMA_ASM("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-// one arrival on bar once every cp.async this thread issued before has landed (counted in the barrier's expected
-// arrivals: noinc)
-__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
-  SALE_WGMMA_ASM("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-// wait until the phase of bar with this parity has completed
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  SALE_WGMMA_ASM(
-      "{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra WAIT;\n}\n" ::"r"(
-          bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// arrive on barrier `id` without waiting (the threads that wait on it use named_barrier_sync with the same count)
-__device__ __forceinline__ void named_barrier_arrive(int id, int nthreads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
-}
-// barrier `id` (1..15) over nthreads threads (whole warps)
-__device__ __forceinline__ void named_barrier_sync(int id, int nthreads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
-}
 // keep the compiler from moving accumulator accesses across wgmma issue / wait
 template <int N>
 __device__ __forceinline__ void reg_fence(int (&d)[N][4]) {

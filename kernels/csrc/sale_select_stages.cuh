@@ -26,9 +26,8 @@ constexpr int kMaxHC = 4;      // most query heads per CTA
 // words (HC * nW, sized by the host). WG: integer rows 128 bytes apart in the 128-byte swizzle layout (D = 64
 // leaves half of each row unused), tiles and stages 1024-byte aligned; else rows padded to IB + 16 bytes
 // (conflict-free ldmatrix).
-template <int D, bool I4, bool WG, int STAGES_ = kStagesB>
+template <int D, bool I4, bool WG>
 struct SelectSmem {
-  static constexpr int STAGES = STAGES_;  // depth of the stage-B ring
   static constexpr int IB = I4 ? D / 2 : D;  // bytes per quantized row
   static constexpr int IRB = WG ? 128 : IB + 16;
   static constexpr int IT_BYTES = kTileKeys * IRB;  // integer K tile
@@ -38,19 +37,10 @@ struct SelectSmem {
   static constexpr int SKQ_OFF = QMB_OFF + 2 * kMaxHC * 4;  // [2 blocks][4] per-class maxima of sk
   static constexpr int STAGE_B = (SKQ_OFF + 2 * 4 * 4 + ALIGN - 1) / ALIGN * ALIGN;
   static constexpr int REGION_A = (kBlockQ + kBlockK) * D * 2;
-  static constexpr int REGION_B = STAGES * STAGE_B;
+  static constexpr int REGION_B = kStagesB * STAGE_B;
   static constexpr int REGION = REGION_A > REGION_B ? REGION_A : REGION_B;
   static constexpr int QI_BYTES = WG ? kMaxHC * kBlockQ * 128 : 0;
   static constexpr int FIXED = REGION + QI_BYTES + kMaxHC * kBlockQ * 4;  // + HC * nW * 4 bitmap bytes
-};
-
-// The barrier of the threads that run a stage together: the whole CTA, or warpgroup `id - 1` (named barrier id).
-struct CtaSync {
-  __device__ __forceinline__ void operator()() const { __syncthreads(); }
-};
-struct WarpgroupSync {
-  int id;
-  __device__ __forceinline__ void operator()() const { named_barrier_sync(id, 128); }
 };
 
 // This thread's place in the CTA: 4 warps x 16 rows; in an mma fragment, rows g and g + 8, key columns 2t, 2t + 1.
@@ -61,12 +51,11 @@ struct ThreadPos {
 // Stage A, per head with tau > 0: exact fp32 statistics over R on the smoothed logits
 // z_ij = scale * q_i . k_j - c_i (visible keys only): m_i = max_j z_ij, l_i = sum_j exp(z_ij - m_i), online over the
 // R blocks; then thr_i = (m_i + ln tau) + ln l_i, the reference's order (+inf for rows past Lq), into thr_s[h][64].
-// Uses region A of shared memory (at smem); the caller synchronizes before reusing it. sync() joins the 128
-// threads that run the stage (the whole CTA, or one consumer warpgroup of the warp-specialized kernel).
-template <typename T, int D, int HC, typename Sync = CtaSync>
+// Uses region A of shared memory; the caller synchronizes before reusing it.
+template <typename T, int D, int HC>
 __device__ __forceinline__ void reference_thresholds(const SelectParams& p, const BlockRange& br, const int b,
                                                      const int hq0, const int hkv, const ThreadPos& th,
-                                                     unsigned char* smem, float* thr_s, const Sync sync = Sync()) {
+                                                     unsigned char* smem, float* thr_s) {
   constexpr bool BF = TypeTraits<T>::kBF16;
   constexpr int RB = D * 2;  // bytes per row (16-bit tiles)
   constexpr int Q_BYTES = kBlockQ * RB;
@@ -81,7 +70,7 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
     const int hq = hq0 + h;
     const float tau = p.tau[hq];
     if (!(tau > 0.f)) continue;  // uniform
-    sync();  // previous head's tiles fully consumed
+    __syncthreads();  // previous head's tiles fully consumed
     const T* qg = reinterpret_cast<const T*>(p.q) + ((size_t)(b * p.Hq + hq) * p.Lq + br.r0) * D;
     for (int i = tid; i < kBlockQ * CPR; i += kThreads) {
       const int r = i / CPR, c = i % CPR;
@@ -90,7 +79,7 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
     }
     cp_async_commit();
     cp_async_wait<0>();
-    sync();
+    __syncthreads();
     uint32_t qf[D / 16][4];
     load_q_fragments<D>(sQ, warp, lane, qf);
     const float* qkmg = p.qkm + (size_t)(b * p.Hq + hq) * p.LqPad;
@@ -98,7 +87,7 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
     for (int ri = 0; ri < nR; ++ri) {
       const int kb = ri < br.nsink ? ri : max(br.lstart, br.nsink) + (ri - br.nsink);
-      sync();  // previous K tile fully consumed
+      __syncthreads();  // previous K tile fully consumed
       for (int i = tid; i < kBlockK * CPR; i += kThreads) {
         const int r = i / CPR, c = i % CPR;
         const bool ok = kb * kBlockK + r < p.Lk;
@@ -106,7 +95,7 @@ __device__ __forceinline__ void reference_thresholds(const SelectParams& p, cons
       }
       cp_async_commit();
       cp_async_wait<0>();
-      sync();
+      __syncthreads();
       float s[4][4];
       warp_qk_16x32<BF, D>(qf, sK, lane, s);
       float mx_a = -INFINITY, mx_b = -INFINITY;
@@ -212,7 +201,7 @@ __device__ __forceinline__ unsigned load_row_tests(const SelectParams& p, const 
 // its 16-byte chunks of the integer K rows, and one side copy: a 16-byte chunk of sk or of a head's qm
 // (tid < 16 + 16 * HC), a head's per-block qm maximum (4 bytes, the next 2 * HC threads), or a block's 4 skq
 // values (16 bytes, the next 2 threads). The second block of the last tile may lie past bend: its values are still
-// below nKpad / LkPad. Slots of the SM::STAGES-deep ring are STAGE_B bytes apart from sB.
+// below nKpad / LkPad. Slots of the kStagesB-deep ring are STAGE_B bytes apart from sB.
 template <typename SM, int HC>
 struct TileLoader {
   static constexpr int IB = SM::IB, IRB = SM::IRB, RPB = kThreads / (IB / 16);
@@ -225,11 +214,9 @@ struct TileLoader {
   uint32_t t_soff;
   uint32_t load_off = 0u;  // the slot load() fills next
 
-  TileLoader() = default;
-
   // the ring slot after the one at `off`
   __device__ __forceinline__ static uint32_t next_slot(uint32_t off) {
-    return off + SM::STAGE_B == SM::STAGES * SM::STAGE_B ? 0u : off + SM::STAGE_B;
+    return off + SM::STAGE_B == kStagesB * SM::STAGE_B ? 0u : off + SM::STAGE_B;
   }
 
   __device__ __forceinline__ TileLoader(const SelectParams& p, const int b, const int hq0, const int hkv,
@@ -274,10 +261,6 @@ struct TileLoader {
       cp_async16(base + t_soff + k * RPB * IRB, k_src + (size_t)k * RPB * IB, true);
     if (f16) cp_async16(base + f_dst, f_src, true);
     if (f4) cp_async4(base + f_dst, f_src);
-    skip();
-  }
-  // pass over the next tile without copying it (another warpgroup loads it)
-  __device__ __forceinline__ void skip() {
     k_src += kTileKeys * IB;
     f_src += f_step;
     load_off = next_slot(load_off);
