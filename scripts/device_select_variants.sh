@@ -5,7 +5,8 @@
 # TAUS (block maps compared word for word), run the GPU tests (TEST_FILES, default the kernel tests) and profile
 # the checkout's selection with ncu (NCU=1: pipe utilisation, shared-memory wavefronts, stall reasons).
 # Each step can be switched off: VARIANTS=0, TESTS=0, NCU=0. The issue-18 switches (SALE_SEL_*) are in the
-# sources of commits 4d5d86b and ea0790a; docs/history/PERF_KERNEL_NOTES.md has what each measured.
+# sources of commits 4d5d86b and ea0790a, the warp-specialized kernels' (SALE_SEL_NC, _RR, _PP, ...) in 3dfe6da and
+# 9b2db10; docs/history/PERF_KERNEL_NOTES.md has what each measured.
 #   NCU=0 TAUS=0.9,0.2,0.003,0.0003 TEST_FILES=tests/ bash scripts/device_select_variants.sh
 source "$(dirname "$0")/device_setup.sh"
 python3 -c "from sale_cli.kernels import cuda_backend as c; print('cuda backend:', c.available())" 2>&1 | tail -2
