@@ -205,7 +205,7 @@ def main() -> None:
     # 1. the wgmma ceiling per shape
     mod = load_inline(
         "sale_int8_roofline",
-        cpp_sources="",
+        cpp_sources="void run(torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, int64_t);",
         cuda_sources=_source(),
         functions=["run"],
         extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"],
