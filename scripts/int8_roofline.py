@@ -28,6 +28,7 @@ from torch.utils.cpp_extension import load_inline
 from sale_cli.data.synthetic_qkv import make_inputs
 from sale_cli.eval.bench_op import median_ms
 from sale_cli.kernels import cuda_backend
+from sale_cli.kernels.reference import _block_ranges, visible_block_pairs
 
 
 def _wgmma_asm(n: int) -> str:
@@ -164,16 +165,11 @@ def timed(sampler: ClockSampler, fn, reps: int, seconds: float = 1.5) -> dict:
 
 
 def selection_macs(length: int, heads: int, d: int = 128, sink_tokens: int = 64, window: int = 128) -> int:
-    """Multiply-adds the selection's int8 estimate issues for a whole causal prefill: per 64-row query block, the
-    candidate key blocks (past the sink blocks, before the first local block) in 64-key tiles, 64 rows each."""
-    nsink = -(-sink_tokens // 32)
-    total = 0
-    for qb in range(-(-length // 64)):
-        first_row_key = qb * 64
-        lstart = max(0, first_row_key - window) // 32
-        cand = max(0, lstart - nsink)
-        total += -(-cand // 2) * 64 * 64 * d
-    return total * heads
+    """Multiply-adds the selection's int8 estimate issues for a whole causal prefill: per 64-row query block, its
+    candidate key blocks (visible, outside R) in 64-key tiles of 64 rows each, as the kernel issues them."""
+    visible, in_r = _block_ranges(length, length, 64, 32, sink_tokens, window)
+    candidates = (visible & ~in_r).sum(dim=1)
+    return int(((candidates + 1) // 2).sum()) * 64 * 64 * d * heads
 
 
 def main() -> None:
@@ -255,7 +251,7 @@ def main() -> None:
         tau = torch.full((32,), tau_value, device="cuda")
         sel = (q, k, qint, sq, kint, sk, qm, qkm, tau, scale, 64, 128)
         _, pairs = base.select(*sel)
-        density = pairs.double().sum().item() / (32 * (args.length // 64) * (args.length // 32) / 2)
+        density = pairs.double().sum().item() / (32 * visible_block_pairs(args.length, args.length, 64, 32))
         r = timed(sampler, lambda sel=sel: base.select(*sel), args.reps)
         add("select", f"tau {tau_value:g}, density {density:.3f}", 2.0 * macs_sel, r)
     del kint, sk, qint, sq, qm, qkm
