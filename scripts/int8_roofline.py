@@ -26,18 +26,18 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 from sale_cli.data.synthetic_qkv import make_inputs
-from sale_cli.eval.bench_op import median_ms
+from sale_cli.eval.bench_op import _sdpa_call, causal_flops, median_ms
 from sale_cli.kernels import cuda_backend
 from sale_cli.kernels.reference import _block_ranges, visible_block_pairs
 
 
 def _wgmma_asm(n: int) -> str:
-    """The device function `mma_n{n}`: d (n / 2 registers) += A(64 x 32 s8) * B(n x 32 s8), both from smem."""
+    """`mma<n>`: d (n / 2 registers) += A(64 x 32 s8) * B(n x 32 s8), both from shared memory."""
     regs = n // 2
     outs = ",".join(f"%{i}" for i in range(regs))
     cons = ", ".join(f'"+r"(d[{i}])' for i in range(regs))
     return f"""
-__device__ __forceinline__ void mma_n{n}(int (&d)[{regs}], uint64_t da, uint64_t db) {{
+template <> __device__ __forceinline__ void mma<{n}>(int (&d)[{regs}], uint64_t da, uint64_t db) {{
   asm volatile("wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 {{{outs}}}, %{regs}, %{regs + 1}, 1;\\n"
                : {cons} : "l"(da), "l"(db));
 }}
@@ -55,14 +55,10 @@ def _source() -> str:
 __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {  // LBO 16, SBO 1024, 128-byte swizzle
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
+template <int N> __device__ __forceinline__ void mma(int (&d)[N / 2], uint64_t da, uint64_t db);
 """
         + body
         + r"""
-template <int N> __device__ __forceinline__ void mma(int (&d)[N / 2], uint64_t da, uint64_t db);
-template <> __device__ __forceinline__ void mma<64>(int (&d)[32], uint64_t a, uint64_t b) { mma_n64(d, a, b); }
-template <> __device__ __forceinline__ void mma<128>(int (&d)[64], uint64_t a, uint64_t b) { mma_n128(d, a, b); }
-template <> __device__ __forceinline__ void mma<256>(int (&d)[128], uint64_t a, uint64_t b) { mma_n256(d, a, b); }
-
 // Per CTA (one warpgroup): 4 A tiles (64 rows x 128 int8, "heads") and one B tile (N rows x 128 int8) in shared
 // memory; per iteration, for each head a chain of 4 k-steps into one of two accumulator sets (one for N = 256), at
 // most two chains in flight (the selection's pattern). The accumulators are summed into out so that nothing is dead code.
@@ -186,7 +182,7 @@ def main() -> None:
     rows: list[dict] = []
     macs_sel = selection_macs(args.length, 32)
 
-    def add(kind: str, name: str, ops: float, r: dict, extra: str = ""):
+    def add(kind: str, name: str, ops: float, r: dict):
         tops = ops / r["ms"] / 1e9
         row = dict(
             kind=kind, name=name, ops=ops, tops=tops, selection_ms_at_rate=2 * macs_sel / tops / 1e9, **r
@@ -194,7 +190,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{kind:7s} {name:34s} {r['ms']:9.2f} ms {tops:8.1f} TOPS  SM {r['mhz']:6.0f} MHz {r['watts']:6.0f} W"
-            f"  selection's int8 MACs at this rate: {row['selection_ms_at_rate']:6.1f} ms {extra}",
+            f"  selection's int8 MACs at this rate: {row['selection_ms_at_rate']:6.1f} ms",
             flush=True,
         )
 
@@ -255,14 +251,8 @@ def main() -> None:
         r = timed(sampler, lambda sel=sel: base.select(*sel), args.reps)
         add("select", f"tau {tau_value:g}, density {density:.3f}", 2.0 * macs_sel, r)
     del kint, sk, qint, sq, qm, qkm
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        qg = q
-        kg, vg = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)  # noqa: E731
-        r = timed(sampler, fn, 3)
-        add("cudnn", "SDPA causal bf16", 4.0 * 32 * 128 * args.length**2 / 2, r)
+    cudnn, _ = _sdpa_call("cudnn", [(q, k, v)])  # bench-op's cuDNN call, with its GQA handling
+    add("cudnn", "SDPA causal bf16", causal_flops(args.length, 32, 128), timed(sampler, lambda: cudnn(0), 3))
     sampler.close()
     print(
         f"selection int8 MACs at L={args.length}: {macs_sel:.4g} ({2 * macs_sel:.4g} ops); GPU {dev.name}, {sms} SMs"
